@@ -1,0 +1,280 @@
+"""model.py -- the bottom floor: load Qwen2.5-VL, build a tiny one, prepare images, encode, score tokens.
+
+Everything above this file (rollout, sft, grpo, eval) talks to the model only through:
+  load_model(name_or_path)       -> (model, processor)   real 7B from the hub / a folder, or the tiny model
+  build_tiny(path, preset)       -> path                  a random-weight Qwen2.5-VL in miniature, saved like the hub
+  prepare_image(img, ...)        -> PIL.Image             SPEC section 1 image rules (aspect, min side, smart resize)
+  encode(processor, text, imgs)  -> Seq                   token ids + image tensors, placeholders expanded
+  token_logprobs(model, seqs)    -> [B, T] tensor         log p(token_t | tokens_<t) with explicit M-RoPE positions
+
+Deliberate choices (see ../shared/PLATFORM.md for why):
+- No torchvision: the processor is a Qwen2_5_VLProcessor subclass without the video processor.
+- Positions are always computed here with get_rope_index and passed explicitly; the model's cached `rope_deltas`
+  are never relied on (they silently corrupt positions when trajectories are interleaved).
+- Trajectories are kept as token ids end to end; text is never re-tokenised.
+
+Commands:
+  python model.py --tiny /tmp/tiny          # build and save a tiny random model, then reload it and score a sample
+"""
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+RL_MAX_PIXELS = 16384 * 28 * 28   # SPEC 1: RL / eval
+SFT_MAX_PIXELS = 512 * 512        # SPEC 6: cold-start SFT
+MIN_PIXELS = 56 * 56
+FACTOR = 28                       # patch 14 x merge 2: one LLM token per 28x28 pixels
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Protocol tags are single tokens in the tiny tokenizer (the 7B splits some of them; nothing below depends on that).
+TAG_TOKENS = ["<think>", "</think>", "<code>", "</code>", "<answer>", "</answer>", "<tool_call>", "</tool_call>",
+              "<tool_response>", "</tool_response>", "```python", "```"]
+# The Qwen2.5-VL chat template, restricted to what the protocol uses (system / user / assistant, text + images).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Two tiny presets: "test" keeps the unit tests fast, "mini" is big enough to learn the miniature world.
+TINY_PRESETS = {
+    "test": dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vis_hidden=32, vis_depth=2, vocab=600),
+    "mini": dict(hidden=256, layers=4, heads=4, kv_heads=2, inter=768, vis_hidden=64, vis_depth=2, vocab=1200),
+}
+
+
+class Processor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without its video processor, which needs torchvision (PLATFORM.md)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # the processor's sub-processors are read off this signature: no video_processor here means none is needed
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        from transformers import AutoTokenizer
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        return cls(image_processor, tokenizer, chat_template=getattr(tokenizer, "chat_template", None))
+
+
+# ----------------------------------------------------------------------------------------------------- images
+def prepare_image(img, min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS):
+    """SPEC 1: squeeze aspect ratios > 200, upscale sides < 32 px, then smart-resize to multiples of 28."""
+    img = img.convert("RGB")
+    w, h = img.size
+    if max(w, h) / min(w, h) > 200:   # squeeze the long side so the ratio drops below 200
+        w, h = (min(w, 199 * h), h) if w > h else (w, min(h, 199 * w))
+    if min(w, h) < 32:                # Qwen-VL fails on tiny sides: upscale the short side to 32
+        s = 32 / min(w, h)
+        w, h = math.ceil(w * s), math.ceil(h * s)
+    hb, wb = max(FACTOR, round(h / FACTOR) * FACTOR), max(FACTOR, round(w / FACTOR) * FACTOR)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb, wb = max(FACTOR, math.floor(h / beta / FACTOR) * FACTOR), max(FACTOR, math.floor(w / beta / FACTOR) * FACTOR)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / FACTOR) * FACTOR, math.ceil(w * beta / FACTOR) * FACTOR
+    return img if (wb, hb) == img.size else img.resize((wb, hb), Image.BICUBIC)
+
+
+# ----------------------------------------------------------------------------------------------------- tokens
+@dataclass
+class Seq:
+    """One token sequence with its images: what a forward pass needs, and nothing model-specific beyond that."""
+    ids: list                                      # token ids
+    mm: list                                       # 1 on <|image_pad|> tokens, else 0 (mm_token_type_ids)
+    pixels: list = field(default_factory=list)     # per image: [patches, C*T*P*P] float tensor
+    grids: list = field(default_factory=list)      # per image: (t, h, w) in patches
+
+    def extend(self, other):
+        self.ids += other.ids; self.mm += other.mm; self.pixels += other.pixels; self.grids += other.grids
+
+
+def encode(processor, text, images=(), max_pixels=RL_MAX_PIXELS):
+    """Tokenise `text`, expanding each IMAGE_PLACEHOLDER to one <|image_pad|> per merged 28x28 patch of its image.
+
+    Splitting at special tokens first keeps the result identical to `processor(text=..., images=...)`, because the
+    byte-level BPE never merges across special tokens anyway."""
+    tok = processor.tokenizer
+    pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    pixels, grids = [], []
+    if images:
+        out = processor.image_processor(images=[prepare_image(im, max_pixels=max_pixels) for im in images],
+                                        size={"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels},
+                                        return_tensors="pt")
+        grids = [tuple(g) for g in out["image_grid_thw"].tolist()]
+        pixels = list(torch.split(out["pixel_values"], [t * h * w for t, h, w in grids]))
+    n_pads = [t * h * w // 4 for t, h, w in grids]   # merge 2x2
+    if text.count("<|image_pad|>") != len(images):
+        raise ValueError(f"{text.count('<|image_pad|>')} image placeholders but {len(images)} images")
+    ids = []
+    for i, chunk in enumerate(text.split("<|image_pad|>")):
+        ids += tok.encode(chunk, add_special_tokens=False) if chunk else []
+        if i < len(n_pads):
+            ids += [pad_id] * n_pads[i]
+    return Seq(ids, [int(t == pad_id) for t in ids], pixels, grids)
+
+
+def rope_positions(model, seq, device=None):
+    """[3, T] M-RoPE position ids of one sequence (text tokens advance by one, image tokens by their grid)."""
+    ids = torch.tensor([seq.ids], device=device)
+    mm = torch.tensor([seq.mm], device=device)
+    grid = torch.tensor(seq.grids, device=device) if seq.grids else None
+    if grid is None:   # text only: every axis is the plain index
+        return torch.arange(len(seq.ids), device=device).expand(3, -1)
+    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid)
+    return pos[:, 0]
+
+
+def collate(model, seqs, device):
+    """Right-pad sequences into one batch: ids, attention mask, explicit positions, and all their images."""
+    T = max(len(s.ids) for s in seqs)
+    pad = model.config.text_config.pad_token_id or 0
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    pos = torch.zeros((3, len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s.ids)] = torch.tensor(s.ids)
+        attn[b, :len(s.ids)] = 1
+        pos[:, b, :len(s.ids)] = rope_positions(model, s)
+    batch = dict(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device))
+    pixels = [p for s in seqs for p in s.pixels]
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels).to(device)
+        batch["image_grid_thw"] = torch.tensor([g for s in seqs for g in s.grids], device=device)
+    return batch
+
+
+def token_logprobs(model, seqs, temperature=1.0, with_entropy=False):
+    """Per-token log-probs [B, T-1] of seqs[b].ids[1:] under the model (one forward, right padded).
+
+    Entry t scores token t+1. Padding positions hold 0. This is the training forward that the rollout's sampler
+    log-probs must match (test_all.py::test_rollout_logprobs_match_training_forward)."""
+    device = next(model.parameters()).device
+    batch = collate(model, seqs, device)
+    logits = model(**batch, use_cache=False).logits[:, :-1].float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    targets = batch["input_ids"][:, 1:]
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * batch["attention_mask"][:, 1:]
+    if not with_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * batch["attention_mask"][:, 1:]
+    return logp, entropy
+
+
+def set_gradient_checkpointing(model, on=True):
+    """Trade compute for memory in training forwards (the 7B needs it at 16k-token trajectories)."""
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    else:
+        model.gradient_checkpointing_disable()
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def load_model(name_or_path=DEFAULT_MODEL, device=None, dtype=None):
+    """(model, processor) from a hub name or a local folder; bf16 + sdpa on CUDA, float32 on CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    try:
+        processor = Processor.from_pretrained(name_or_path)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+    except OSError as e:
+        where = os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
+        sys.exit(f"error: cannot load model '{where}' ({str(e).splitlines()[0][:160]}). Download it on a machine "
+                 f"with hub access (`hf download {name_or_path} --local-dir DIR`), copy DIR here and pass "
+                 f"--model DIR; or build the CPU model with `python model.py --tiny DIR`.")
+    model.config.use_cache = True
+    return model.to(device).eval(), processor
+
+
+def _train_tokenizer(vocab_size, corpus):
+    """Byte-level BPE trained on the project's own text, with Qwen's special tokens and the protocol tags."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_tokens(TAG_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE, model_max_length=32768)
+
+
+def project_text():
+    """The corpus the tiny tokenizer is trained on: this project's source files and its data/ text."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    texts = []
+    for root in (here, os.path.join(here, "data")):
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            if name.endswith((".py", ".md", ".txt", ".jsonl")) and os.path.getsize(os.path.join(root, name)) < 4e6:
+                with open(os.path.join(root, name), encoding="utf-8", errors="ignore") as f:
+                    texts.append(f.read())
+    return texts
+
+
+def build_tiny(path, preset="test", seed=0, corpus=None):
+    """A Qwen2.5-VL in miniature with random weights: real patch/merge sizes and M-RoPE, saved like the hub repo."""
+    p = TINY_PRESETS[preset]
+    tokenizer = _train_tokenizer(p["vocab"], corpus or project_text())
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = p["hidden"] // p["heads"]
+    half = head_dim // 2   # mrope_section must sum to head_dim / 2
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                         num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+                         intermediate_size=p["inter"], max_position_embeddings=32768, tie_word_embeddings=True,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=p["vis_depth"], hidden_size=p["vis_hidden"], intermediate_size=2 * p["vis_hidden"],
+                           num_heads=2, out_hidden_size=p["hidden"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, fullatt_block_indexes=[p["vis_depth"] - 1], window_size=112),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS)
+    processor = Processor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", metavar="DIR", required=True, help="build a tiny random Qwen2.5-VL into DIR and check it")
+    ap.add_argument("--preset", default="test", choices=sorted(TINY_PRESETS), help="tiny model size preset")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = ap.parse_args()
+    build_tiny(args.tiny, args.preset, args.seed)
+    model, processor = load_model(args.tiny, device="cpu")
+    seq = encode(processor, f"<|im_start|>user\n{IMAGE_PLACEHOLDER}What is this?<|im_end|>\n",
+                 [Image.new("RGB", (64, 64), "red")])
+    lp = token_logprobs(model, [seq])
+    n = sum(p.numel() for p in model.parameters())
+    print(f"tiny model ({args.preset}, {n / 1e6:.2f}M params) in {args.tiny}: {len(seq.ids)} tokens, "
+          f"mean log-prob {lp.sum().item() / (len(seq.ids) - 1):.3f}")
+
+
+if __name__ == "__main__":
+    main()

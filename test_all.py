@@ -1,0 +1,234 @@
+"""test_all.py -- CPU-only tests, each named after the property it pins. Run: python -m pytest -q test_all.py"""
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+import tools as T
+
+
+# ================================================================================================ fixtures
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    path = M.build_tiny(str(tmp_path_factory.mktemp("tiny")), "test", seed=0)
+    model, processor = M.load_model(path, device="cpu")
+    return model, processor, path
+
+
+@pytest.fixture(scope="session")
+def search_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    rows = []
+    for i, (name, colour) in enumerate([("Red Square", (220, 20, 20)), ("Green Park", (20, 200, 40)),
+                                        ("Blue Lagoon", (20, 40, 220))]):
+        img = Image.new("RGB", (48, 48), colour)
+        img.paste((255, 255, 255), (8 * i, 8, 8 * i + 12, 20))
+        img.save(root / f"{i}.png")
+        rows.append({"title": name, "image": f"{i}.png"})
+    (root / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = os.path.join(os.path.dirname(__file__), "data", "corpus.jsonl")
+    return T.start_server_thread(corpus, str(root / "images.jsonl"))
+
+
+# ================================================================================================ model.py
+def test_prepare_image_follows_spec_rules():
+    wide = M.prepare_image(Image.new("RGB", (30000, 100)))            # ratio 300 -> squeezed below 200
+    assert max(wide.size) / min(wide.size) < 200 and wide.size[0] % 28 == 0 and wide.size[1] % 28 == 0
+    small = M.prepare_image(Image.new("RGB", (10, 50)))                 # short side < 32 -> upscaled
+    assert min(small.size) >= 28 and small.size[1] > small.size[0]
+    big = M.prepare_image(Image.new("RGB", (4000, 3000)), max_pixels=M.SFT_MAX_PIXELS)
+    assert big.size[0] * big.size[1] <= M.SFT_MAX_PIXELS and big.size[0] % 28 == 0
+    assert M.prepare_image(Image.new("RGB", (280, 140))).size == (280, 140)   # already fine: untouched
+
+
+def test_encode_equals_processor_on_chat_template(tiny):
+    _, processor, _ = tiny
+    msgs = [{"role": "system", "content": "sys"},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What <think> is x?"}]}]
+    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    img = Image.new("RGB", (100, 60), "blue")
+    ref = processor(text=[text], images=[M.prepare_image(img)], return_tensors="pt")
+    seq = M.encode(processor, text, [img])
+    assert seq.ids == ref["input_ids"][0].tolist()
+    assert seq.mm == ref["mm_token_type_ids"][0].tolist()
+    assert torch.equal(torch.cat(seq.pixels), ref["pixel_values"])
+
+
+def test_tiny_model_is_deterministic_and_reloads_identically(tiny, tmp_path):
+    model, processor, path = tiny
+    again, _ = M.load_model(M.build_tiny(str(tmp_path / "again"), "test", seed=0), device="cpu")
+    seq = M.encode(processor, f"<|im_start|>user\n{M.IMAGE_PLACEHOLDER}hi<|im_end|>\n", [Image.new("RGB", (56, 56))])
+    assert torch.equal(M.token_logprobs(model, [seq]), M.token_logprobs(again, [seq]))
+    other, _ = M.load_model(M.build_tiny(str(tmp_path / "other"), "test", seed=1), device="cpu")
+    assert not torch.allclose(M.token_logprobs(model, [seq]), M.token_logprobs(other, [seq]))
+
+
+def test_token_logprobs_are_independent_of_batch_padding(tiny):
+    model, processor, _ = tiny
+    a = M.encode(processor, f"<|im_start|>user\n{M.IMAGE_PLACEHOLDER}a long question here<|im_end|>\n",
+                 [Image.new("RGB", (84, 56), "red")])
+    b = M.encode(processor, "<|im_start|>user\nshort<|im_end|>\n")
+    both = M.token_logprobs(model, [a, b])
+    assert torch.allclose(both[0, :len(a.ids) - 1], M.token_logprobs(model, [a])[0], atol=1e-5)
+    assert torch.allclose(both[1, :len(b.ids) - 1], M.token_logprobs(model, [b])[0], atol=1e-5)
+    assert torch.all(both[1, len(b.ids) - 1:] == 0)
+
+
+def test_missing_weights_give_one_clear_line():
+    with pytest.raises(SystemExit) as e:
+        M.load_model("/nonexistent/DeepEyesV2_7B")
+    msg = str(e.value)
+    assert "cannot load model" in msg and "--model" in msg and "\n" not in msg
+
+
+# ================================================================================================ sandbox
+def test_sandbox_is_a_notebook_with_preloaded_images():
+    img = Image.new("RGB", (64, 48), "red")
+    with T.Sandbox([img, Image.new("L", (10, 10))]) as sb:
+        assert sb.run("print(image_1.size, image_2.mode)")["stdout"] == "(64, 48) L\n"
+        sb.run("x = 41")
+        assert sb.run("x + 1")["stdout"] == "42\n"                     # state persists; last expression shown
+        r = sb.run("image_1.crop((0, 0, 10, 10)).show()")
+        assert [im.size for im in r["images"]] == [(10, 10)] and r["images"][0].getpixel((0, 0)) == (255, 0, 0)
+        r = sb.run("import matplotlib.pyplot as plt\nplt.plot([1, 2]); plt.show()\nplt.figure(); plt.show()")
+        assert len(r["images"]) == 2
+        r = sb.run("for i in range(12): display(image_1)")
+        assert len(r["images"]) == 10 and "2 images dropped" in r["stderr"]
+
+
+def test_sandbox_reports_syntax_errors_without_running():
+    with T.Sandbox() as sb:
+        r = sb.run("print('ran')\ndef f(:")
+        assert r["stdout"] == "" and "SyntaxError" in r["stderr"]
+
+
+HOSTILE = {
+    "socket to loopback": ("import socket; socket.create_connection(('127.0.0.1', 8765), timeout=2)", "PermissionError"),
+    "socket to a public address": ("import socket; socket.create_connection(('1.1.1.1', 80), timeout=2)",
+                                   "PermissionError"),
+    "write outside scratch": ("open('/tmp/deepeyes_escape', 'w').write('x')", "Read-only file system"),
+    "fork bomb": ("import os\nwhile True: os.fork()", "PermissionError"),
+    "subprocess": ("import subprocess; subprocess.run(['true'])", "PermissionError"),
+    "kill its parent": ("import os; os.kill(os.getppid(), 9)", "PermissionError"),
+    "kill everything": ("import os; os.kill(-1, 9)", "PermissionError"),
+    "memory bomb": ("x = bytearray(64 << 30)", "MemoryError"),
+    "infinite loop": ("while True: pass", "TimeoutError"),
+    "read host environ via /proc": ("print(open('/proc/1/environ').read())", "No such file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_code_is_contained(case):
+    code, expected = HOSTILE[case]
+    host_pid = os.getpid()
+    with T.Sandbox(timeout=2) as sb:
+        r = sb.run(code)
+        assert expected in r["stderr"], r
+        assert sb.run("print('still alive')")["stdout"] == "still alive\n"   # the session survives
+    assert os.getpid() == host_pid and not os.path.exists("/tmp/deepeyes_escape")
+
+
+def test_sandbox_starts_with_a_clean_environment(monkeypatch):
+    monkeypatch.setenv("DEEPEYES_TEST_SECRET", "hunter2")
+    with T.Sandbox() as sb:
+        r = sb.run("import os; print(sorted(os.environ).count('DEEPEYES_TEST_SECRET'), 'hunter2' in str(os.environ))")
+        assert r["stdout"] == "0 False\n"
+
+
+def test_sandbox_writes_only_in_its_scratch_and_cleans_it():
+    with T.Sandbox() as sb:
+        scratch = sb.scratch
+        assert sb.run("open('out.txt', 'w').write('hi'); print(open('out.txt').read())")["stdout"] == "hi\n"
+        r = sb.run("open('big.bin', 'wb').write(b'0' * (200 << 20))")        # over the 64 MB scratch cap
+        assert "Error" in r["stderr"]
+    assert not os.path.exists(scratch)
+
+
+def test_sandbox_bounds_printed_output():
+    with T.Sandbox() as sb:
+        r = sb.run("print('a' * 100_000_000)")
+        assert len(r["stdout"]) < 2 * T.OUTPUT_LIMIT and "more characters truncated" in r["stdout"]
+
+
+def test_hard_timeout_restarts_the_session_and_says_so():
+    with T.Sandbox([Image.new("RGB", (8, 8))], timeout=1) as sb:
+        sb.run("x = 1")
+        t = time.time()
+        r = sb.run("import signal; signal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True: pass")
+        assert time.time() - t < 15 and "restarted" in r["stderr"] and sb.restarts == 1
+        assert "NameError" in sb.run("x")["stderr"]                           # variables lost, as said
+        assert sb.run("print(image_1.size)")["stdout"] == "(8, 8)\n"          # images loaded again
+
+
+def test_sixteen_sessions_run_at_once_and_close_kills_them():
+    from concurrent.futures import ThreadPoolExecutor
+    boxes = [T.Sandbox([Image.new("RGB", (32, 32), (i, 0, 0))]) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(lambda sb: sb.run("print(image_1.getpixel((0, 0))[0])")["stdout"], boxes))
+    assert outs == [f"{i}\n" for i in range(16)]                              # each has its own image_1
+    pids = [sb.pid for sb in boxes]
+    for sb in boxes:
+        sb.close()
+    time.sleep(0.2)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+# ================================================================================================ search
+def test_text_search_formats_results_as_spec(search_url):
+    text, images = T.text_search("Grace Hopper compiler launched", k=2, url=search_url, cache=False)
+    assert images == []
+    assert text.startswith("<tool_response>\nA Google search for 'Grace Hopper compiler launched' found 2 results:\n\n"
+                           "## Web Results\n1. [Grace Hopper](https://en.wikipedia.org/wiki/Grace_Hopper)\n\n"
+                           "Grace Hopper was an American")
+    assert text.endswith("\n</tool_response>") and "\n\n2. [" in text
+
+
+def test_image_search_finds_the_nearest_image(search_url):
+    query = Image.new("RGB", (100, 100), (30, 190, 50))
+    text, images = T.image_search(query, k=2, url=search_url, cache=False)
+    assert "found 2 results" in text and "1. <image>\n[Green Park] \n" in text and len(images) == 2
+
+
+def test_search_cache_serves_repeats_and_dead_backend_raises(search_url, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "CACHE_DIR", str(tmp_path))
+    first = T.text_search("Eiffel Tower", url=search_url)
+    dead = "http://127.0.0.1:9"   # nothing listens on the discard port
+    monkeypatch.setattr(T, "SEARCH_URL", dead)
+    with pytest.raises(T.SearchError):
+        T.text_search("Eiffel Tower", url=dead)
+    cached = T._cached("text", f"{search_url}|5|Eiffel Tower".encode(), lambda: pytest.fail("not cached"))
+    assert cached and "Eiffel" in first[0]
+
+
+# ================================================================================================ actions
+@pytest.mark.parametrize("turn,kind,arg", [
+    ("<think>x</think><answer>A</answer><code>```python\nprint(1)\n```</code>", "answer", "A"),
+    ("<answer>1</answer> then <answer> 2 </answer>", "answer", "2"),
+    ("<code>```python\nprint(1)\n```\n```python\nprint(2)\n```</code>", "code", "print(2)\n"),
+    ("<code>print(1)</code>", "error", "Error: no ```python block"),
+    ('<tool_call>{"name": "search", "arguments": {"query": "q"}}</tool_call>', "search", "q"),
+    ("<tool_call>{bad</tool_call>", "error", "Error: the tool call is not valid JSON"),
+    ('<tool_call>{"name": "search", "arguments": {}}</tool_call>', "error", "Error: search needs"),
+    ('<tool_call>{"name": "image_search"}</tool_call>', "image_search", ""),
+    ('<tool_call>{"name": "image_search", "arguments": {"q": 1}}</tool_call>', "error", "Error: image_search takes"),
+    ('<tool_call>{"name": "browse"}</tool_call>', "error", "Error: unknown tool 'browse'"),
+    ("<code>```python\nx=1\n```</code><tool_call>{\"name\": \"image_search\"}</tool_call>", "code", "x=1\n"),
+    ("I think it is red.", "none", ""),
+])
+def test_parse_action_follows_spec_precedence(turn, kind, arg):
+    action = T.parse_action(turn)
+    assert action.kind == kind and action.arg.startswith(arg)
+
+
+def test_code_observation_format():
+    r = dict(stdout="4\n", stderr="", images=[Image.new("RGB", (4, 4))] * 2)
+    assert T.format_code_result(r) == ("Code execution result:\nstdout:\n```\n4\n\n```\n\nstderr:\n```\n\n```\n\n"
+                                       "Images:\n" + M.IMAGE_PLACEHOLDER * 2)

@@ -1,0 +1,692 @@
+"""tools.py -- what the agent can do: run Python over its images, search text, search by image. No torch here.
+
+  Sandbox(images)              one locked-down, notebook-like Python process per trajectory
+  text_search(q) / image_search(img) -> (observation text, images)   SPEC section 1 format, Serper-style JSON
+  parse_action(turn_text)      -> Action: answer / code / search / image_search / error / none (SPEC precedence)
+  python tools.py serve        the embedded search backend on 127.0.0.1 (BM25 over data/ text, image nearest neighbour)
+  python tools.py --bench      sandbox latency: session start, warm call, 16 parallel sessions vs a fresh process
+
+How the sandbox is limited (all of it in `_lock_down`, the one place to read):
+  - a *zygote* process imports numpy / PIL / matplotlib once; each session is a fork of it, so a session starts in
+    milliseconds with everything preloaded, and `image_1 .. image_n` are defined before the first call;
+  - the session gets new network and mount namespaces: no network at all, the whole file system read-only,
+    /proc hidden (no host environment to read), a size-capped tmpfs as the only writable place (its cwd, TMPDIR);
+  - every capability is dropped; a seccomp filter refuses fork / exec / clone of processes (threads are allowed),
+    sockets, signals to any other process, ptrace, mount and namespace calls;
+  - rlimits: address space, CPU seconds, file size, open files; each call has a timeout (SIGALRM inside, a hard
+    kill outside, after which the session restarts with its images and says so); stdout/stderr are bounded.
+  - the host reads results as length-prefixed JSON with a size cap, never pickle: a session cannot make the host
+    execute anything.
+What it does NOT protect against: kernel bugs (it shares the host kernel); reading world-readable files (allowed by
+design: only writes are confined); CPU side channels; the sum of many sessions' memory caps exceeding the host's;
+a machine where neither root nor unprivileged user namespaces are available -- there the sandbox refuses to start
+unless DEEPEYES_UNSAFE_SANDBOX=1, and then it says loudly which protections are missing.
+"""
+import argparse
+import base64
+import ctypes
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import requests
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SEARCH_URL = os.environ.get("DEEPEYES_SEARCH_URL", "http://127.0.0.1:8765")   # default: `python tools.py serve`
+CACHE_DIR = os.environ.get("DEEPEYES_CACHE", os.path.expanduser("~/.cache/deepeyesv2"))
+MAX_IMAGES_PER_CALL = 10
+OUTPUT_LIMIT = 8000          # characters of stdout / stderr kept per call
+MAX_MESSAGE = 64 << 20       # the largest reply the host accepts from a session
+
+
+# ================================================================================================ the sandbox
+class SandboxError(RuntimeError):
+    """Infrastructure failure (the sandbox could not start or answer): counted by the caller, never scored."""
+
+
+def _send(sock, obj, images=()):
+    """One message: an 8-byte length, a JSON header, then the raw pixels of `images` (no PNG, no base64: fast)."""
+    raw = [im.tobytes() for im in images]
+    head = json.dumps(dict(obj, images=[dict(mode=im.mode, size=im.size, n=len(r)) for im, r in zip(images, raw)]))
+    sock.sendall(b"".join([struct.pack("<Q", len(head)), head.encode(), *raw]))
+
+
+def _recv(sock):
+    """The inverse of _send, with a size cap: the host treats whatever a session sends as untrusted data."""
+    n = struct.unpack("<Q", _recv_exact(sock, 8))[0]
+    obj = json.loads(_recv_exact(sock, n)) if n <= MAX_MESSAGE else None
+    if obj is None or sum(w["n"] for w in obj["images"]) > MAX_MESSAGE:
+        raise ValueError("sandbox message exceeds the size cap")
+    obj["images"] = [Image.frombytes(w["mode"], tuple(w["size"]), _recv_exact(sock, w["n"])) for w in obj["images"]]
+    return obj
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError("sandbox closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def _png(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)   # fast: these images live for one trajectory
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# ---- inside the session process (forked from the zygote) ----
+SECCOMP_DENY = ["fork", "vfork", "execve", "execveat", "tkill", "ptrace", "process_vm_readv", "process_vm_writev",
+                "pidfd_open", "pidfd_send_signal", "pidfd_getfd", "socket", "socketpair", "setns", "unshare", "mount",
+                "umount2", "pivot_root", "chroot", "bpf", "perf_event_open", "keyctl", "add_key", "io_uring_setup",
+                "mount_setattr", "open_tree", "move_mount", "fsopen", "fsmount", "fsconfig", "personality"]
+
+
+def _seccomp(libc):
+    """Refuse new processes (threads are fine), sockets, signals to others, and escape hatches. EPERM, not death."""
+    sc = ctypes.CDLL("libseccomp.so.2")
+    sc.seccomp_init.restype = ctypes.c_void_p
+    sc.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+
+    class Cmp(ctypes.Structure):
+        _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+    sc.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                          ctypes.POINTER(Cmp)]
+    ctx = sc.seccomp_init(0x7FFF0000)                      # default: allow
+    eperm, enosys = 0x00050000 | 1, 0x00050000 | 38        # SCMP_ACT_ERRNO(EPERM / ENOSYS)
+    nr = lambda name: sc.seccomp_syscall_resolve_name(name.encode())
+    add = lambda act, name, *cmps: sc.seccomp_rule_add_array(ctx, act, nr(name), len(cmps), (Cmp * len(cmps))(*cmps)
+                                                             if cmps else None)
+    for name in SECCOMP_DENY:
+        add(eperm, name)
+    me = os.getpid()
+    add(eperm, "kill", Cmp(0, 1, me, 0))                   # kill(pid != me): SCMP_CMP_NE
+    add(eperm, "tgkill", Cmp(0, 1, me, 0))
+    add(eperm, "clone", Cmp(0, 7, 0x00010000, 0))          # clone without CLONE_THREAD: SCMP_CMP_MASKED_EQ
+    add(enosys, "clone3")                                  # flags hidden in a struct: make libc fall back to clone
+    if sc.seccomp_load(ctypes.c_void_p(ctx)) != 0:
+        raise OSError("seccomp_load failed")
+
+
+def _lock_down(scratch, limits):
+    """Namespaces, read-only file system, tmpfs scratch, no capabilities, seccomp, rlimits. Returns what held."""
+    import resource
+    libc = ctypes.CDLL(None, use_errno=True)
+    got = {}
+    flags = 0x40000000 | 0x00020000                        # CLONE_NEWNET | CLONE_NEWNS
+    uid, gid = os.getuid(), os.getgid()
+    if uid != 0:
+        flags |= 0x10000000                                # CLONE_NEWUSER: unprivileged users get namespaces this way
+    got["namespaces"] = libc.unshare(flags) == 0
+    if got["namespaces"] and uid != 0:
+        for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"0 {uid} 1"),
+                           ("/proc/self/gid_map", f"0 {gid} 1")):
+            with open(path, "w") as f:
+                f.write(text)
+    vm_now = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    if got["namespaces"]:
+        class Attr(ctypes.Structure):
+            _fields_ = [("set", ctypes.c_uint64), ("clr", ctypes.c_uint64), ("prop", ctypes.c_uint64),
+                        ("fd", ctypes.c_uint64)]
+        ok = libc.mount(None, b"/", None, (1 << 14) | (1 << 18), None) == 0        # MS_REC | MS_PRIVATE
+        ok = ok and libc.syscall(442, -100, b"/", 0x8000, ctypes.byref(Attr(1, 0, 0, 0)), 32) == 0  # RDONLY, recursive
+        ok = ok and libc.mount(b"tmpfs", scratch.encode(), b"tmpfs", 0,
+                               f"size={limits['scratch_mb']}m,mode=0777".encode()) == 0
+        got["read-only fs"] = ok
+        got["/proc hidden"] = libc.mount(b"tmpfs", b"/proc", b"tmpfs", 1, b"size=4k") == 0
+        got["network off"] = True
+    os.chdir(scratch)
+    for cap in range(64):                                  # drop every capability, for good
+        libc.prctl(24, cap, 0, 0, 0)                       # PR_CAPBSET_DROP
+    hdr, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+    got["no capabilities"] = libc.capget(hdr, data) == 0 and libc.capset(hdr, (ctypes.c_uint32 * 6)()) == 0
+    for res, value in ((resource.RLIMIT_AS, vm_now + (limits["memory_mb"] << 20)),
+                       (resource.RLIMIT_CPU, limits["cpu_seconds"]), (resource.RLIMIT_FSIZE, limits["scratch_mb"] << 20),
+                       (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (value, value))
+    try:
+        _seccomp(libc)
+        got["seccomp"] = True
+    except OSError:
+        got["seccomp"] = False
+    return got
+
+
+class _Bounded(io.StringIO):
+    """A stdout that keeps the first `limit` characters and counts the rest (printing 100 MB costs nothing)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit, self.dropped = limit, 0
+
+    def write(self, s):
+        room = self.limit - self.tell()
+        if room > 0:
+            super().write(s[:room])
+        self.dropped += max(0, len(s) - max(room, 0))
+        return len(s)
+
+    def text(self):
+        return self.getvalue() + (f"\n... [{self.dropped} more characters truncated]" if self.dropped else "")
+
+
+def _session_main(sock, scratch, limits):
+    """The notebook: exec each request in one persistent namespace, capture output and shown images."""
+    import ast
+    import traceback
+    import matplotlib.pyplot as plt
+    got = _lock_down(scratch, limits)
+    shown = []
+
+    def display(*objs):
+        for obj in objs:
+            if isinstance(obj, Image.Image):
+                shown.append(obj.copy())
+            elif hasattr(obj, "savefig"):   # a matplotlib figure
+                obj.canvas.draw()
+                shown.append(Image.frombuffer("RGBA", obj.canvas.get_width_height(), obj.canvas.buffer_rgba()).copy())
+            else:
+                print(repr(obj))
+
+    def show(*a, **k):
+        for num in plt.get_fignums():
+            display(plt.figure(num))
+        plt.close("all")
+    plt.show = show
+    Image.Image.show = lambda self, *a, **k: display(self)
+    namespace = {"__name__": "__main__", "display": display}
+    def on_alarm(*_):
+        raise TimeoutError(f"code execution exceeded {limits['timeout']} s; the session goes on")
+    signal.signal(signal.SIGALRM, on_alarm)
+    _send(sock, {"protections": got})
+    while True:
+        try:
+            req = _recv(sock)
+        except EOFError:
+            os._exit(0)
+        if "code" not in req:   # the first message: the sample's images
+            namespace.update({f"image_{i}": im for i, im in enumerate(req["images"], 1)})
+            _send(sock, {"ok": True})
+            continue
+        out, err = _Bounded(OUTPUT_LIMIT), _Bounded(OUTPUT_LIMIT)
+        shown.clear()
+        sys.stdout, sys.stderr = out, err
+        try:
+            tree = ast.parse(req["code"])
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            signal.alarm(limits["timeout"])
+            exec(compile(tree, "<code>", "exec"), namespace)
+            if last is not None:   # like a notebook cell: show the value of a final expression
+                value = eval(compile(ast.Expression(last.value), "<code>", "eval"), namespace)
+                if value is not None:
+                    display(value)
+        except SyntaxError:
+            err.write(traceback.format_exc(limit=0))
+        except BaseException:     # the user's exception, SystemExit and KeyboardInterrupt included
+            etype, evalue, tb = sys.exc_info()
+            err.write("".join(traceback.format_exception(etype, evalue, tb.tb_next)))
+        finally:
+            signal.alarm(0)
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        images = shown[:MAX_IMAGES_PER_CALL]
+        if len(shown) > len(images):
+            err.write(f"\n[{len(shown) - len(images)} images dropped: at most {MAX_IMAGES_PER_CALL} per call]")
+        for i, im in enumerate(images):   # bounded in size, in a mode the host can rebuild
+            images[i] = im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")
+            images[i].thumbnail((4096, 4096))
+        _send(sock, {"stdout": out.text(), "stderr": err.text()}, images)
+
+
+def _zygote_main(ctl_fd):
+    """Preload the libraries once, then fork one session per request received on the control socket."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401 -- preloaded so sessions start fast
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)        # sessions are reaped by the kernel
+    ctl = socket.socket(fileno=ctl_fd)
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(ctl, 1 << 16, 1)
+        except OSError:
+            os._exit(0)
+        if not msg:
+            os._exit(0)
+        req = json.loads(msg)
+        pid = os.fork()
+        if pid == 0:
+            ctl.close()
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            try:
+                _session_main(socket.socket(fileno=fds[0]), req["scratch"], req["limits"])
+            finally:
+                os._exit(1)
+        os.close(fds[0])
+        ctl.sendall(struct.pack("<q", pid))
+
+
+class _Zygote:
+    """One per host process, started on first use, shared by all sessions (spawning is serialised by a lock)."""
+    lock, proc, ctl = threading.Lock(), None, None
+
+    @classmethod
+    def spawn(cls, child_sock, scratch, limits):
+        with cls.lock:
+            if cls.proc is None or cls.proc.poll() is not None:
+                cls.ctl, theirs = socket.socketpair()
+                mpl = os.path.join(CACHE_DIR, "matplotlib")
+                os.makedirs(mpl, exist_ok=True)
+                env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent", "MPLBACKEND": "Agg",
+                       "MPLCONFIGDIR": mpl, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE,
+                       "PYTHONDONTWRITEBYTECODE": "1"}
+                cls.proc = subprocess.Popen(
+                    [sys.executable, "-c", f"import tools; tools._zygote_main({theirs.fileno()})"],
+                    pass_fds=[theirs.fileno()], env=env, cwd=HERE, start_new_session=True,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                theirs.close()
+            socket.send_fds(cls.ctl, [json.dumps({"scratch": scratch, "limits": limits}).encode()],
+                            [child_sock.fileno()])
+            return struct.unpack("<q", _recv_exact(cls.ctl, 8))[0]
+
+
+class Sandbox:
+    """A notebook-like Python session for one trajectory. Use as a context manager; `.run(code)` -> dict.
+
+    >>> with Sandbox([img]) as sb: sb.run("print(image_1.size)")["stdout"]
+    """
+    warned = False
+
+    def __init__(self, images=(), timeout=20, memory_mb=2048, cpu_seconds=120, scratch_mb=64):
+        self.images = list(images)
+        self.limits = dict(timeout=int(timeout), memory_mb=memory_mb, cpu_seconds=cpu_seconds, scratch_mb=scratch_mb)
+        self.sock = self.pid = self.scratch = None
+        self.restarts = 0
+        self._start()
+
+    def _start(self):
+        self.scratch = tempfile.mkdtemp(prefix="deepeyes-sandbox-")
+        os.chmod(self.scratch, 0o777)
+        ours, theirs = socket.socketpair()
+        try:
+            self.pid = _Zygote.spawn(theirs, self.scratch, self.limits)
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.sock.settimeout(30)
+        try:
+            self.protections = _recv(self.sock)["protections"]
+            _send(self.sock, {}, self.images)
+            _recv(self.sock)
+        except (OSError, EOFError, ValueError) as e:
+            self.close()
+            raise SandboxError(f"sandbox failed to start: {e}") from e
+        self._check_protections()
+
+    def _check_protections(self):
+        missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities", "seccomp")
+                   if not self.protections.get(k)]
+        if not missing:
+            return
+        if os.environ.get("DEEPEYES_UNSAFE_SANDBOX") != "1":
+            self.close()
+            raise SandboxError(f"sandbox cannot isolate code here (missing: {', '.join(missing)}); enable "
+                               "unprivileged user namespaces or run as root, or set DEEPEYES_UNSAFE_SANDBOX=1 to "
+                               "run model code WITHOUT these protections")
+        if not Sandbox.warned:
+            Sandbox.warned = True
+            print(f"WARNING: sandbox running WITHOUT: {', '.join(missing)} (DEEPEYES_UNSAFE_SANDBOX=1)", file=sys.stderr)
+
+    def run(self, code):
+        """Run one cell. Returns stdout, stderr and images (PIL); a hard timeout restarts the session."""
+        self.sock.settimeout(self.limits["timeout"] + 5)   # the in-session alarm fires first; this is the backstop
+        try:
+            _send(self.sock, {"code": code})
+            reply = _recv(self.sock)
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
+            why = "timed out" if isinstance(e, socket.timeout) else "died (memory, CPU-time or output limit)"
+            self._kill()
+            self.restarts += 1
+            self._start()
+            return dict(stdout="", images=[], stderr=f"Error: the code {why}; the Python session was restarted, "
+                                                     f"variables were lost; image_1.. are loaded again.")
+        return dict(stdout=str(reply["stdout"])[:2 * OUTPUT_LIMIT], stderr=str(reply["stderr"])[:2 * OUTPUT_LIMIT],
+                    images=reply["images"][:MAX_IMAGES_PER_CALL])
+
+    def _kill(self):
+        if self.sock is not None:
+            self.sock.close()
+        if self.pid:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)   # the session's whole process group
+            except ProcessLookupError:
+                pass
+        if self.scratch and os.path.isdir(self.scratch):
+            import shutil
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.sock = self.pid = self.scratch = None
+
+    def close(self):
+        self._kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def format_code_result(result):
+    """SPEC 1 observation for a code call (stripped); one image placeholder per returned image."""
+    text = (f"Code execution result:\nstdout:\n```\n{result['stdout']}\n```\n\n"
+            f"stderr:\n```\n{result['stderr']}\n```\n\n")
+    if result["images"]:
+        text += "Images:\n" + "<|vision_start|><|image_pad|><|vision_end|>" * len(result["images"])
+    return text.strip()
+
+
+# ================================================================================================ search
+class SearchError(RuntimeError):
+    """The search backend is unreachable or broken (infrastructure, not the model's fault)."""
+
+
+def _post(path, payload, url=None, retries=3, timeout=20):
+    """POST JSON to the Serper-style endpoint with retries and exponential backoff; the key comes from the env."""
+    url = (url or SEARCH_URL).rstrip("/") + path
+    headers = {"X-API-KEY": os.environ.get("SERPER_API_KEY", ""), "Content-Type": "application/json"}
+    last = None
+    for attempt in range(retries):
+        try:
+            r = requests.post(url, json=payload, headers=headers, timeout=timeout)
+            if r.status_code < 500 and r.status_code != 429:
+                r.raise_for_status()
+                return r.json()
+            last = f"HTTP {r.status_code}"
+        except (requests.RequestException, ValueError) as e:
+            last = str(e).splitlines()[0][:200]
+        time.sleep(0.5 * 2 ** attempt)
+    raise SearchError(f"search backend {url} failed after {retries} tries: {last}")
+
+
+def _cached(kind, key, fetch):
+    """On-disk cache: one JSON file per query / image hash, so repeated rollouts never pay twice."""
+    path = os.path.join(CACHE_DIR, "search", kind, hashlib.sha256(key).hexdigest() + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    value = fetch()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+    return value
+
+
+def text_search(query, k=5, url=None, cache=True):
+    """-> (observation text, []) for a web search, formatted as SPEC section 1."""
+    fetch = lambda: _post("/search", {"q": query, "num": k}, url).get("organic", [])[:k]
+    results = _cached("text", f"{url or SEARCH_URL}|{k}|{query}".encode(), fetch) if cache else fetch()
+    items = []
+    for i, r in enumerate(results, 1):
+        item = f"{i}. [{r.get('title', '')}]({r.get('link', '')})"
+        item += f"\nDate published: {r['date']}" if r.get("date") else ""
+        item += "\n" + (f"\n{r['snippet']}" if r.get("snippet") else "")
+        items.append(item)
+    text = f"A Google search for '{query}' found {len(results)} results:\n\n## Web Results\n" + "\n\n".join(items)
+    return f"<tool_response>\n{text}\n</tool_response>".strip(), []
+
+
+def image_search(image, k=3, url=None, cache=True):
+    """-> (observation text, result images) for a reverse image search, formatted as SPEC section 1."""
+    png = base64.b64decode(_png(image.convert("RGB")))
+    fetch = lambda: _post("/lens", {"image_b64": base64.b64encode(png).decode(), "num": k}, url).get("organic", [])[:k]
+    results = _cached("image", (url or SEARCH_URL).encode() + png, fetch) if cache else fetch()
+    items = [f"{i}. <image>\n[{r.get('title', '')}] \n" for i, r in enumerate(results, 1)]
+    text = f"A Google image search for the image found {len(results)} results:\n\n## Web Results\n" + "\n\n".join(items)
+    images = [Image.open(io.BytesIO(base64.b64decode(r["image_b64"]))).convert("RGB") for r in results
+              if r.get("image_b64")]
+    return f"<tool_response>\n{text}\n</tool_response>".strip(), images
+
+
+# ---- the embedded backend: BM25 over a JSONL corpus, nearest neighbour over an image folder ----
+def tokenize_words(text):
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+class BM25:
+    """Okapi BM25 (k1=1.5, b=0.75) over documents with a title and a text, in plain numpy."""
+
+    def __init__(self, docs, k1=1.5, b=0.75):
+        self.docs = docs
+        toks = [tokenize_words(d.get("title", "") + " " + d.get("text", "")) for d in docs]
+        self.vocab = {w: i for i, w in enumerate(sorted({w for t in toks for w in t}))}
+        self.tf = np.zeros((len(docs), len(self.vocab)), dtype=np.float32)
+        for i, t in enumerate(toks):
+            for w in t:
+                self.tf[i, self.vocab[w]] += 1
+        df = (self.tf > 0).sum(0)
+        self.idf = np.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+        lens = self.tf.sum(1, keepdims=True)
+        self.norm = k1 * (1 - b + b * lens / max(lens.mean(), 1))
+        self.k1 = k1
+
+    def search(self, query, k=5):
+        cols = [self.vocab[w] for w in set(tokenize_words(query)) if w in self.vocab]
+        if not cols:
+            return []
+        tf = self.tf[:, cols]
+        scores = (self.idf[cols] * tf * (self.k1 + 1) / (tf + self.norm)).sum(1)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [self.docs[i] for i in order if scores[i] > 0]
+
+
+def image_embedding(img):
+    """A simple, robust image signature: a 12x12 colour thumbnail, mean-centred and unit-normalised."""
+    v = np.asarray(img.convert("RGB").resize((12, 12), Image.BILINEAR), dtype=np.float32).ravel()
+    v -= v.mean()
+    return v / (np.linalg.norm(v) + 1e-6)
+
+
+class SearchIndex:
+    """Text corpus (JSONL: title, text, link[, date]) and image index (JSONL: title, image path) for `serve`."""
+
+    def __init__(self, corpus, image_index=None):
+        with open(corpus) as f:
+            self.bm25 = BM25([json.loads(line) for line in f if line.strip()])
+        self.images = []
+        if image_index and os.path.exists(image_index):
+            root = os.path.dirname(os.path.abspath(image_index))
+            with open(image_index) as f:
+                self.images = [json.loads(line) for line in f if line.strip()]
+            self.emb = np.stack([image_embedding(Image.open(os.path.join(root, r["image"]))) for r in self.images])
+            self.image_root = root
+
+    def text(self, q, k):
+        return [dict(title=d.get("title", ""), link=d.get("link", ""), snippet=d.get("text", ""),
+                     **({"date": d["date"]} if d.get("date") else {})) for d in self.bm25.search(q, k)]
+
+    def image(self, img, k):
+        if not self.images:
+            return []
+        order = np.argsort(-(self.emb @ image_embedding(img)), kind="stable")[:k]
+        out = []
+        for i in order:
+            with open(os.path.join(self.image_root, self.images[i]["image"]), "rb") as f:
+                out.append(dict(title=self.images[i]["title"], image_b64=base64.b64encode(f.read()).decode()))
+        return out
+
+
+def serve(index, host="127.0.0.1", port=8765, ready=None):
+    """Answer POST /search and POST /lens with Serper-shaped JSON. Loopback only by default."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                k = int(body.get("num", 5))
+                if self.path == "/search":
+                    out = {"organic": index.text(str(body["q"]), k)}
+                elif self.path == "/lens":
+                    img = Image.open(io.BytesIO(base64.b64decode(body["image_b64"])))
+                    out = {"organic": index.image(img, k)}
+                else:
+                    return self.send_error(404)
+            except (KeyError, ValueError, OSError) as e:
+                return self.send_error(400, str(e)[:200])
+            data = json.dumps(out).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    if ready is not None:
+        ready.append(server)
+    server.serve_forever()
+
+
+def start_server_thread(corpus, image_index=None, port=0):
+    """Run `serve` in a daemon thread (tests, the miniature pipeline); returns its base URL."""
+    holder = []
+    threading.Thread(target=serve, args=(SearchIndex(corpus, image_index), "127.0.0.1", port, holder),
+                     daemon=True).start()
+    while not holder:
+        time.sleep(0.01)
+    return f"http://127.0.0.1:{holder[0].server_address[1]}"
+
+
+# ================================================================================================ actions
+@dataclass
+class Action:
+    kind: str          # "answer" | "code" | "search" | "image_search" | "error" | "none"
+    arg: str = ""      # the answer, the code, the query, or the error observation text
+
+
+def parse_action(text):
+    """What a model turn asks for. SPEC precedence: answer > code > tool_call; the last match of each wins."""
+    answers = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    if answers:
+        return Action("answer", answers[-1].strip())
+    if "<code>" in text:
+        block = text.rsplit("<code>", 1)[1].split("</code>", 1)[0]
+        fences = re.findall(r"```python\s*\n?(.*?)```", block, re.DOTALL)
+        if not fences:
+            return Action("error", "Error: no ```python block found inside <code></code>.")
+        return Action("code", fences[-1])
+    calls = re.findall(r"<tool_call>(.*?)</tool_call>", text, re.DOTALL)
+    if not calls:
+        return Action("none")
+    try:
+        call = json.loads(calls[-1].strip())
+    except ValueError as e:
+        return Action("error", f"Error: the tool call is not valid JSON ({e}).")
+    if not isinstance(call, dict):
+        return Action("error", "Error: the tool call must be a JSON object with a 'name'.")
+    name, args = call.get("name"), call.get("arguments")
+    if name == "search":
+        query = args.get("query") if isinstance(args, dict) else None
+        if not isinstance(query, str) or not query.strip():
+            return Action("error", "Error: search needs {\"arguments\": {\"query\": \"...\"}}.")
+        return Action("search", query.strip())
+    if name == "image_search":
+        if args:
+            return Action("error", "Error: image_search takes no arguments; it searches the original image.")
+        return Action("image_search")
+    return Action("error", f"Error: unknown tool {name!r}; the tools are 'search' and 'image_search'.")
+
+
+# ================================================================================================ bench / CLI
+def bench(n_parallel=16, repeats=20):
+    """Session start, warm calls and parallel sessions, each against a fresh `python -c` per call, same run."""
+    from concurrent.futures import ThreadPoolExecutor
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
+    crop = "image_1.crop((100, 100, 400, 400)).resize((600, 600)).show()"
+    Sandbox([img]).close()                                     # start the zygote (once per process, not per session)
+    med = lambda f: sorted(f() for _ in range(repeats))[repeats // 2]
+
+    def timed(fn):
+        t = time.perf_counter(); fn(); return time.perf_counter() - t
+
+    def fresh(code):   # the naive way: a new interpreter per call that loads the image from disk
+        path = os.path.join(tempfile.gettempdir(), "deepeyes_bench.png")
+        if not os.path.exists(path):
+            img.save(path)
+        pre = f"from PIL import Image; import matplotlib; matplotlib.use('Agg'); image_1 = Image.open('{path}'); "
+        subprocess.run([sys.executable, "-c", pre + code.replace(".show()", ".save('/dev/null', 'PNG', compress_level=1)")],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    sb = Sandbox([img])
+    rows = [("session start (fork + lock-down + image)", med(lambda: timed(lambda: Sandbox([img]).close())),
+             med(lambda: timed(lambda: fresh("pass")))),
+            ("warm call: print", med(lambda: timed(lambda: sb.run("print(1)"))), med(lambda: timed(lambda: fresh("print(1)")))),
+            ("warm call: crop + show 1024px", med(lambda: timed(lambda: sb.run(crop))), med(lambda: timed(lambda: fresh(crop))))]
+    sb.close()
+    boxes = []
+
+    def session(_):
+        with Sandbox([img]) as s:
+            for _ in range(4):
+                assert s.run(crop)["images"]
+
+    with ThreadPoolExecutor(n_parallel) as pool:
+        t = time.perf_counter(); list(pool.map(session, range(n_parallel))); ours = time.perf_counter() - t
+        t = time.perf_counter(); list(pool.map(lambda _: [fresh(crop) for _ in range(4)], range(n_parallel)))
+        rows.append((f"{n_parallel} parallel sessions x 4 crop calls", ours, time.perf_counter() - t))
+    print(f"{'case':44s} {'sandbox ms':>11s} {'fresh ms':>10s} {'speed-up':>9s}")
+    for name, a, b in rows:
+        print(f"{name:44s} {a * 1e3:11.2f} {b * 1e3:10.2f} {b / a:8.1f}x")
+    print(json.dumps({"start_ms": round(rows[0][1] * 1e3, 2), "print_ms": round(rows[1][1] * 1e3, 3),
+                      "crop_ms": round(rows[2][1] * 1e3, 2), "print_speedup": round(rows[1][2] / rows[1][1], 1),
+                      "crop_speedup": round(rows[2][2] / rows[2][1], 1), "parallel_s": round(rows[3][1], 2),
+                      "parallel_speedup": round(rows[3][2] / rows[3][1], 1)}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", nargs="?", choices=["serve"], help="serve: run the local search backend")
+    ap.add_argument("--bench", action="store_true", help="measure the sandbox against a fresh process per call")
+    ap.add_argument("--corpus", default=os.path.join(HERE, "data", "corpus.jsonl"),
+                    help="serve: JSONL text corpus with title, text, link[, date]")
+    ap.add_argument("--images", default=os.path.join(HERE, "data", "image_index.jsonl"),
+                    help="serve: JSONL image index with title and image path (relative to the file)")
+    ap.add_argument("--host", default="127.0.0.1", help="serve: address to bind (keep loopback unless you mean it)")
+    ap.add_argument("--port", type=int, default=8765, help="serve: port")
+    args = ap.parse_args()
+    if args.bench:
+        return bench()
+    if args.command == "serve":
+        if not os.path.exists(args.corpus):
+            sys.exit(f"error: corpus {args.corpus} not found (python data/world.py builds one)")
+        print(f"search backend on http://{args.host}:{args.port} (corpus {args.corpus})", flush=True)
+        return serve(SearchIndex(args.corpus, args.images), args.host, args.port)
+    ap.print_help()
+
+
+if __name__ == "__main__":
+    main()
