@@ -194,7 +194,7 @@ def test_text_search_formats_results_as_spec(search_url):
 def test_image_search_finds_the_nearest_image(search_url):
     query = Image.new("RGB", (100, 100), (30, 190, 50))
     text, images = T.image_search(query, k=2, url=search_url, cache=False)
-    assert "found 2 results" in text and "1. <image>\n[Green Park] \n" in text and len(images) == 2
+    assert "found 2 results" in text and f"1. {M.IMAGE_PLACEHOLDER}\n[Green Park] \n" in text and len(images) == 2
 
 
 def test_search_cache_serves_repeats_and_dead_backend_raises(search_url, tmp_path, monkeypatch):
@@ -232,3 +232,118 @@ def test_code_observation_format():
     r = dict(stdout="4\n", stderr="", images=[Image.new("RGB", (4, 4))] * 2)
     assert T.format_code_result(r) == ("Code execution result:\nstdout:\n```\n4\n\n```\n\nstderr:\n```\n\n```\n\n"
                                        "Images:\n" + M.IMAGE_PLACEHOLDER * 2)
+
+
+# ================================================================================================ rollout.py
+import rollout as R
+
+SCRIPT = ["<think>crop</think><code>\n```python\nimage_1.crop((0, 0, 20, 20)).show()\nprint(image_1.size)\n```\n</code>",
+          '<think>look it up</think><tool_call>{"name": "search", "arguments": {"query": "Eiffel Tower"}}</tool_call>',
+          '<think>by image</think><tool_call>{"name": "image_search"}</tool_call>',
+          "<think>oops</think><tool_call>{not json</tool_call>",
+          "</think><answer>1889</answer><|im_end|>"]
+
+
+def scripted(turns):
+    return lambda traj, turn: turns[turn]
+
+
+def sample(colour="red"):
+    return R.Sample([Image.new("RGB", (64, 64), colour)], "When was it built?", "1889", "search")
+
+
+def test_rollout_runs_every_tool_and_masks_exactly_the_model_tokens(tiny, search_url):
+    model, processor, _ = tiny
+    [t] = R.rollout(model, processor, [sample()], script=scripted(SCRIPT), search_url=search_url)
+    assert t.finish == "answer" and t.turns == 5 and t.answer == "1889"
+    assert dict(t.calls) == {"code": 1, "search": 1, "image_search": 1, "error": 1}
+    assert "(64, 64)" in t.response and "found 1 results" in t.response and "Error: the tool call is not valid JSON" \
+        in t.response and "A Google image search" in t.response
+    assert len(t.seq.pixels) == 1 + 1 + 3                  # prompt image, the crop, three image-search results
+    # the mask, token by token: model tokens are exactly the script's tokens, in order
+    tok = processor.tokenizer
+    model_tokens = [i for i, m in zip(t.seq.ids, t.action_mask) if m]
+    assert model_tokens == [x for turn in SCRIPT for x in tok.encode(turn, add_special_tokens=False)]
+    pads = [m for i, m in zip(t.seq.ids, t.action_mask) if i == tok.convert_tokens_to_ids("<|image_pad|>")]
+    assert pads and not any(pads)                           # image pads of observations are never trained on
+    assert all(m == 0 for m in t.action_mask[:t.prompt_len])
+
+
+def test_rollout_ids_equal_chat_template_of_the_final_conversation(tiny, search_url):
+    model, processor, _ = tiny
+    [t] = R.rollout(model, processor, [sample()], script=scripted(SCRIPT), search_url=search_url)
+    # rebuild the conversation as SFT data would hold it: model turns are assistant messages, observations user ones
+    text = processor.tokenizer.decode(t.seq.ids[t.prompt_len:])
+    text = __import__("re").sub(r"(<\|image_pad\|>)+", "<|image_pad|>", text)   # one placeholder per image
+    parts = text.split(R.OBS_PREFIX)
+    msgs = R.prompt_messages(t.sample)
+    msgs.append({"role": "assistant", "content": parts[0]})
+    for part in parts[1:]:
+        obs, turn = part.split(R.OBS_SUFFIX)
+        msgs += [{"role": "user", "content": obs}, {"role": "assistant", "content": "<think>" + turn}]
+    msgs[-1]["content"] = msgs[-1]["content"].removesuffix("<|im_end|>")
+    conv = processor.apply_chat_template(msgs, tokenize=False)
+    images = t.sample.images + [Image.new("RGB", (20, 20))] + [Image.new("RGB", (48, 48))] * 3
+    ref = M.encode(processor, conv, images)
+    assert ref.ids[:-1] == t.seq.ids                      # the template adds one "\n" after the final <|im_end|>
+
+
+def test_rollout_logprobs_match_training_forward(tiny, search_url):
+    model, processor, _ = tiny
+    trajs = R.rollout(model, processor, [sample(), sample("blue")], n=2, script=scripted(SCRIPT), search_url=search_url)
+    lp = M.token_logprobs(model, [t.seq for t in trajs])
+    for b, t in enumerate(trajs):
+        mask = torch.tensor(t.action_mask[1:], dtype=torch.bool)
+        assert torch.allclose(lp[b, :len(t.seq.ids) - 1][mask], torch.tensor(t.logprobs[1:])[mask], atol=1e-4)
+
+
+def test_kv_cache_across_turns_equals_re_prefill(tiny, search_url):
+    model, processor, _ = tiny
+    torch.manual_seed(0)
+    a = R.rollout(model, processor, [sample()], script=scripted(SCRIPT), search_url=search_url, use_cache=True)[0]
+    b = R.rollout(model, processor, [sample()], script=scripted(SCRIPT), search_url=search_url, use_cache=False)[0]
+    assert a.seq.ids == b.seq.ids
+    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_sampled_batch_of_different_lengths_matches_one_at_a_time(tiny):
+    model, processor, _ = tiny
+    samples = [R.Sample([Image.new("RGB", (28 * (i + 1), 56))], "q" * (i * 7 + 1)) for i in range(3)]
+    kw = dict(temperature=0, max_turn_tokens=12, max_turns=1)
+    together = R.rollout(model, processor, samples, **kw)
+    alone = [R.rollout(model, processor, [s], **kw)[0] for s in samples]
+    for a, b in zip(together, alone):
+        assert a.seq.ids == b.seq.ids and a.finish == "turn_tokens"
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_sampler_never_emits_banned_tokens(tiny):
+    model, processor, _ = tiny
+    banned = {processor.tokenizer.convert_tokens_to_ids(t) for t in R.BANNED}
+    torch.manual_seed(0)
+    trajs = R.rollout(model, processor, [sample()], n=4, temperature=5.0, max_turn_tokens=64, max_turns=1)
+    sampled = {i for t in trajs for i, m in zip(t.seq.ids, t.action_mask) if m}
+    assert sampled and not sampled & banned
+
+
+def test_max_turns_cut_does_not_run_the_last_tool(tiny, search_url):
+    model, processor, _ = tiny
+    [t] = R.rollout(model, processor, [sample()], script=scripted([SCRIPT[1]] * 9), search_url=search_url, max_turns=3)
+    assert t.finish == "max_turns" and t.turns == 3 and t.calls["search"] == 2 and t.action_mask[-1] == 1
+
+
+def test_budget_cut_never_ends_on_observation_tokens(tiny, search_url):
+    model, processor, _ = tiny
+    [t] = R.rollout(model, processor, [sample()], script=scripted([SCRIPT[1]] * 9), search_url=search_url,
+                    max_response_tokens=150)
+    assert t.finish == "budget" and t.action_mask[-1] == 1 and len(t.seq.ids) - t.prompt_len <= 150
+
+
+def test_infra_error_is_counted_and_observed(tiny):
+    model, processor, _ = tiny
+    [t] = R.rollout(model, processor, [sample()], script=scripted(SCRIPT[1:2] + SCRIPT[-1:]),
+                    search_url="http://127.0.0.1:9")
+    assert t.infra_errors == 1 and "backend is unavailable" in t.response and t.finish == "answer"
+    [t] = R.rollout(model, processor, [sample()], script=scripted(SCRIPT[1:2] + SCRIPT[-1:]),
+                    search_url="http://127.0.0.1:9", on_infra_error="end")
+    assert t.finish == "infra_error"

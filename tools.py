@@ -49,6 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SEARCH_URL = os.environ.get("DEEPEYES_SEARCH_URL", "http://127.0.0.1:8765")   # default: `python tools.py serve`
 CACHE_DIR = os.environ.get("DEEPEYES_CACHE", os.path.expanduser("~/.cache/deepeyesv2"))
 MAX_IMAGES_PER_CALL = 10
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"   # one per image in an observation
 OUTPUT_LIMIT = 8000          # characters of stdout / stderr kept per call
 MAX_MESSAGE = 64 << 20       # the largest reply the host accepts from a session
 
@@ -401,7 +402,7 @@ def format_code_result(result):
     text = (f"Code execution result:\nstdout:\n```\n{result['stdout']}\n```\n\n"
             f"stderr:\n```\n{result['stderr']}\n```\n\n")
     if result["images"]:
-        text += "Images:\n" + "<|vision_start|><|image_pad|><|vision_end|>" * len(result["images"])
+        text += "Images:\n" + IMAGE_PLACEHOLDER * len(result["images"])
     return text.strip()
 
 
@@ -436,7 +437,7 @@ def _cached(kind, key, fetch):
             return json.load(f)
     value = fetch()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     with open(tmp, "w") as f:
         json.dump(value, f)
     os.replace(tmp, path)
@@ -462,7 +463,9 @@ def image_search(image, k=3, url=None, cache=True):
     png = base64.b64decode(_png(image.convert("RGB")))
     fetch = lambda: _post("/lens", {"image_b64": base64.b64encode(png).decode(), "num": k}, url).get("organic", [])[:k]
     results = _cached("image", (url or SEARCH_URL).encode() + png, fetch) if cache else fetch()
-    items = [f"{i}. <image>\n[{r.get('title', '')}] \n" for i, r in enumerate(results, 1)]
+    # SPEC's "<image>" marks where each result image goes: here the model's own image placeholder
+    items = [f"{i}. {IMAGE_PLACEHOLDER if r.get('image_b64') else '(no image)'}\n[{r.get('title', '')}] \n"
+             for i, r in enumerate(results, 1)]
     text = f"A Google image search for the image found {len(results)} results:\n\n## Web Results\n" + "\n\n".join(items)
     images = [Image.open(io.BytesIO(base64.b64decode(r["image_b64"]))).convert("RGB") for r in results
               if r.get("image_b64")]
