@@ -27,7 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+try:   # transformers >= 5.2x: the PIL image processor (no torchvision needed)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+except ImportError:   # older 5.x (the GPU machines' 5.17)
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"

@@ -23,16 +23,19 @@ Commands:
   python rollout.py --bench --preset 7b      # the same on the real 7B architecture (random weights, GPU)
 """
 import argparse
+import inspect
 import json
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+from transformers.cache_utils import DynamicLayer
 
 import tools
 from model import IMAGE_PLACEHOLDER, Seq, encode, rope_positions
@@ -55,6 +58,9 @@ USER_SUFFIX = ("\nThink inside <think> </think>, act with <code> </code> or <too
 OBS_PREFIX = "<|im_end|>\n<|im_start|>user\n"              # closes the model's turn, opens a user turn
 OBS_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>"   # ... and pre-fills the next turn's <think>
 STOP_STRINGS = ("</code>", "</tool_call>")
+# transformers renamed the forward's cache argument in 5.x (`cache=`, deprecating `past_key_values=`)
+CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters \
+    else "past_key_values"
 BANNED = ("<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
           "<|video_pad|>")
 
@@ -127,32 +133,60 @@ def forward_pending(model, traj):
         kw["pixel_values"] = torch.cat(traj.seq.pixels[traj.cached_images:]).to(dev, model.dtype)
         kw["image_grid_thw"] = torch.tensor(traj.seq.grids[traj.cached_images:], device=dev)
     cache = DynamicCache(ddp_cache_data=traj.cache) if traj.cache else DynamicCache()
-    out = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True,
+    out = model(input_ids=ids, position_ids=pos, **{CACHE_KW: cache}, use_cache=True,
                 attention_mask=torch.ones(1, len(traj.seq.ids), dtype=torch.long, device=dev), **kw)
-    traj.cache = [(k, v) for k, v, _ in cache]
+    traj.cache = [(layer.keys, layer.values) for layer in cache.layers]
     traj.cached, traj.cached_images = len(traj.seq.ids), len(traj.seq.pixels)
     return out.logits[0, -1]
 
 
+class GrowingLayer(DynamicLayer):
+    """A KV-cache layer with spare room: a decoded token is written in place, not concatenated onto a copy of
+    the whole cache (DynamicLayer's torch.cat made decoding O(length) per token; this made the CPU bench 2x faster)."""
+
+    def __init__(self, keys, values, spare=256):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.buf = [F.pad(keys, (0, 0, 0, spare)), F.pad(values, (0, 0, 0, spare))]
+        self.n = keys.shape[2]
+        self._view()
+
+    def _view(self):
+        self.keys, self.values = self.buf[0][:, :, :self.n], self.buf[1][:, :, :self.n]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        new = self.n + key_states.shape[2]
+        if new > self.buf[0].shape[2]:   # out of room: double it (amortised O(1) per token)
+            self.buf = [F.pad(b, (0, 0, 0, b.shape[2])) for b in self.buf]
+        self.buf[0][:, :, self.n:new] = key_states
+        self.buf[1][:, :, self.n:new] = value_states
+        self.n = new
+        self._view()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        self.buf = [b[indices] for b in self.buf]
+        self._view()
+
+
 def stack_caches(trajs):
-    """Left-pad every trajectory's cache to the longest and stack: [B, H, L, D] per layer, plus the pad mask."""
+    """Left-pad every trajectory's cache to the longest and stack them: one batch cache, plus the pad mask."""
     L = max(t.cached for t in trajs)
     layers = []
     for layer in range(len(trajs[0].cache)):
-        ks, vs = [], []
-        for t in trajs:
-            k, v = t.cache[layer]
-            pad = L - k.shape[2]
-            ks.append(F.pad(k, (0, 0, pad, 0)))
-            vs.append(F.pad(v, (0, 0, pad, 0)))
-        layers.append((torch.cat(ks), torch.cat(vs)))
-    mask = torch.tensor([[0] * (L - t.cached) + [1] * t.cached for t in trajs], device=layers[0][0].device)
-    return DynamicCache(ddp_cache_data=layers), mask
+        ks = torch.cat([F.pad(t.cache[layer][0], (0, 0, L - t.cached, 0)) for t in trajs])
+        vs = torch.cat([F.pad(t.cache[layer][1], (0, 0, L - t.cached, 0)) for t in trajs])
+        layers.append(GrowingLayer(ks, vs))
+    mask = torch.tensor([[0] * (L - t.cached) + [1] * t.cached for t in trajs], device=ks.device)
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache, mask
 
 
-def sample_token(logits, temperature, top_p, banned):
-    """-> (token, its log-prob). temperature 0 is greedy. The log-prob is the model's own (before the ban and top-p),
-    which is exactly what the trainer's forward recomputes: the parity test pins it."""
+def sample_token(logits, temperature, top_p, banned, forced=None):
+    """-> (tokens, their log-probs). temperature 0 is greedy; `forced` (-1 = sample) overrides rows for a scripted
+    policy. The log-prob is the model's own (before the ban and top-p), which is exactly what the trainer's forward
+    recomputes: the parity test pins it."""
     logp = F.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
     allowed = logp.clone()
     allowed[:, banned] = float("-inf")
@@ -165,6 +199,8 @@ def sample_token(logits, temperature, top_p, banned):
             drop = sorted_p.cumsum(-1) - sorted_p > top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0))
         tok = torch.multinomial(probs, 1).squeeze(-1)
+    if forced is not None:
+        tok = torch.where(forced >= 0, forced, tok)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -179,22 +215,21 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
     pos = torch.tensor([rope_positions(model, t.seq)[:, -1].max().item() + 1 for t in trajs], device=dev)
     logits = first_logits
     while rows:
-        token, logp = sample_token(logits, cfg["temperature"], cfg["top_p"], banned)
-        token, logp = token.tolist(), logp.tolist()
+        forced = [trajs[i].forced.pop(0) if trajs[i].forced else -1 for i in rows]   # scripted policies
+        token, logp = sample_token(logits, cfg["temperature"], cfg["top_p"], banned,
+                                   torch.tensor(forced, device=dev) if max(forced) >= 0 else None)
+        token, logp = token.tolist(), logp.tolist()      # the one host sync per step
         keep = []
         for r, i in enumerate(rows):
             t = trajs[i]
-            if t.forced:                             # a scripted policy: its token, the model's log-prob of it
-                token[r] = t.forced.pop(0)
-                logp[r] = F.log_softmax(logits[r].float() / max(cfg["temperature"], 1e-6), -1)[token[r]].item()
             t.seq.ids.append(token[r]); t.seq.mm.append(0)
             t.action_mask.append(1); t.logprobs.append(logp[r]); t.turn_ids.append(token[r])
             tail = tok.decode(t.turn_ids[-8:])
             over = len(t.seq.ids) - t.prompt_len >= cfg["max_response_tokens"]
             if token[r] == eos or any(s in tail for s in STOP_STRINGS) or over or \
                     len(t.turn_ids) >= cfg["max_turn_tokens"]:
-                k, v = zip(*[(kk[r:r + 1, :, -t.cached:], vv[r:r + 1, :, -t.cached:]) for kk, vv, _ in cache])
-                t.cache = list(zip(k, v))            # this row's cache, padding stripped (its last token is pending)
+                # this row's cache, padding stripped (its last sampled token is not in it yet: pending)
+                t.cache = [(l.keys[r:r + 1, :, -t.cached:], l.values[r:r + 1, :, -t.cached:]) for l in cache.layers]
             else:
                 keep.append(r)
         if len(keep) < len(rows):
@@ -206,7 +241,7 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
         if not rows:
             break
         mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], 1)
-        out = model(input_ids=torch.tensor(token, device=dev)[:, None], attention_mask=mask, cache=cache,
+        out = model(input_ids=torch.tensor(token, device=dev)[:, None], attention_mask=mask, **{CACHE_KW: cache},
                     position_ids=pos.view(1, -1, 1).expand(3, -1, -1), use_cache=True)
         for r, i in enumerate(rows):
             trajs[i].cached += 1
@@ -249,6 +284,20 @@ def append_observation(processor, traj, text, images, cfg):
     traj.logprobs += [0.0] * len(obs.ids)
 
 
+PHASES = Counter()   # seconds spent per phase of the rollout, for the bench
+
+
+@contextmanager
+def timer(phase):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    PHASES[phase] += time.perf_counter() - t0
+
+
 DEFAULTS = dict(temperature=1.0, top_p=1.0, max_turns=9, max_turn_tokens=8192, max_response_tokens=16384,
                 max_prompt_tokens=8192, max_images=50, use_cache=True, tools_on=True, search_url=None,
                 on_infra_error="observe", sandbox_timeout=20, system_prompt=SYSTEM_PROMPT, max_pixels=None)
@@ -279,8 +328,10 @@ def rollout(model, processor, samples, n=1, script=None, **overrides):
                     t.forced = tok.encode(script(t, t.turns), add_special_tokens=False)
                 if not cfg["use_cache"]:
                     t.cache, t.cached, t.cached_images = None, 0, 0
-            first = torch.stack([forward_pending(model, t) for t in active])
-            decode_turns(model, tok, active, first, cfg)
+            with timer("prefill"):
+                first = torch.stack([forward_pending(model, t) for t in active])
+            with timer("decode"):
+                decode_turns(model, tok, active, first, cfg)
             jobs = {}
             for t in active:
                 t.turns += 1
@@ -299,12 +350,14 @@ def rollout(model, processor, samples, n=1, script=None, **overrides):
                 else:
                     jobs[id(t)] = pool.submit(run_tool, t, action, lambda t=t: sandbox_of(t), cfg)
             for t in active:
-                if id(t) in jobs:
+                if id(t) not in jobs:
+                    continue
+                with timer("tools"):
                     text, images = jobs[id(t)].result()
-                    if t.infra_errors and cfg["on_infra_error"] == "end":
-                        t.finish = "infra_error"
-                    else:
-                        append_observation(processor, t, text, images, cfg)
+                if t.infra_errors and cfg["on_infra_error"] == "end":
+                    t.finish = "infra_error"
+                else:
+                    append_observation(processor, t, text, images, cfg)
     finally:
         pool.shutdown()
         for box in boxes.values():
@@ -313,3 +366,113 @@ def rollout(model, processor, samples, n=1, script=None, **overrides):
         t.cache, t.forced = None, []
         t.response = tok.decode(t.seq.ids[t.prompt_len:])
     return trajs
+
+
+# ------------------------------------------------------------------------------------------- bench
+SEVEN_B = dict(text_config=dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                                num_key_value_heads=4, intermediate_size=18944, max_position_embeddings=128000,
+                                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+               vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                                  fullatt_block_indexes=[7, 15, 23, 31]))
+
+
+def bench_model(preset, device):
+    """(model, processor): a tiny preset built locally, or the real 7B architecture with random bf16 weights."""
+    import tempfile
+    from model import build_tiny, load_model
+    path = build_tiny(os.path.join(tempfile.gettempdir(), f"deepeyes_bench_{preset if preset != '7b' else 'test'}"),
+                      preset if preset != "7b" else "test")
+    model, processor = load_model(path, device=device)
+    if preset == "7b":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        cfg = Qwen2_5_VLConfig(**SEVEN_B, image_token_id=model.config.image_token_id,
+                               video_token_id=model.config.video_token_id)
+        cfg.text_config.eos_token_id = cfg.text_config.pad_token_id = model.config.text_config.eos_token_id
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+        torch.set_default_dtype(torch.float32)
+        model.eval()
+    return model, processor
+
+
+def bench(preset="mini", n_traj=16, turns=4, turn_tokens=48, device=None, skip_generate=False):
+    """Same scripted work three ways: our batched rollout with cross-turn caches, with re-prefill, and
+    `model.generate` one trajectory and one turn at a time (the naive way)."""
+    from PIL import Image
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = bench_model(preset, device)
+    tok = processor.tokenizer
+    filler = tok.encode(" the red mark is small" * 40, add_special_tokens=False)
+    code = tok.encode("<code>\n```python\nprint(1)\n```\n</code>", add_special_tokens=False)
+    turn = tok.decode(filler[:turn_tokens - len(code)] + code)
+    answer = tok.decode(filler[:turn_tokens - 8]) + "<answer>1</answer><|im_end|>"
+    script = lambda t, i: turn if i < turns - 1 else answer
+    samples = [Sample([Image.new("RGB", (224, 224), (i, 0, 0))], f"Question {i}?") for i in range(n_traj)]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    rows = {}
+    for name, kw in (("batched, cross-turn KV cache", dict(use_cache=True)), ("batched, re-prefill", dict(use_cache=False))):
+        rollout(model, processor, samples[:2], script=script, **kw)   # warm-up
+        sync(); t0 = time.perf_counter(); PHASES.clear()
+        trajs = rollout(model, processor, samples, script=script, **kw)
+        sync(); dt = time.perf_counter() - t0
+        gen = sum(sum(t.action_mask) for t in trajs)
+        rows[name] = (gen / dt, dt, gen)
+        print(f"{name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in PHASES.items()))
+    if not skip_generate:
+        sync(); t0 = time.perf_counter()
+        gen = generate_one_at_a_time(model, processor, samples, script, turns)
+        sync(); dt = time.perf_counter() - t0
+        rows["model.generate, one at a time"] = (gen / dt, dt, gen)
+    base = rows.get("model.generate, one at a time", rows["batched, re-prefill"])[0]
+    print(f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {n_traj} trajectories x "
+          f"{turns} turns, {device}")
+    print(f"{'way':34s} {'gen tok/s':>10s} {'seconds':>8s} {'vs naive':>9s}")
+    for name, (tps, dt, gen) in rows.items():
+        print(f"{name:34s} {tps:10.1f} {dt:8.2f} {tps / base:8.1f}x")
+    print(json.dumps({"preset": preset, "device": device, "trajectories": n_traj,
+                      **{k.split(",")[0 if "generate" in k else 1].strip().replace(" ", "_") + "_tok_s": round(v[0], 1)
+                         for k, v in rows.items()}}))
+
+
+def generate_one_at_a_time(model, processor, samples, script, turns):
+    """The naive baseline: HF generate per trajectory per turn, re-encoding the conversation each time."""
+    gen = 0
+    for s in samples:
+        t = start(processor, s)
+        with tools.Sandbox(s.images) as box:
+            for i in range(turns):
+                ids = processor.tokenizer.encode(script(t, i), add_special_tokens=False)
+                batch = dict(input_ids=torch.tensor([t.seq.ids]), attention_mask=torch.ones(1, len(t.seq.ids), dtype=torch.long),
+                             mm_token_type_ids=torch.tensor([t.seq.mm]), pixel_values=torch.cat(t.seq.pixels),
+                             image_grid_thw=torch.tensor(t.seq.grids))
+                dev = next(model.parameters()).device
+                model.generate(**{k: v.to(dev) for k, v in batch.items()}, max_new_tokens=len(ids),
+                               min_new_tokens=len(ids), do_sample=True)
+                gen += len(ids)
+                t.seq.ids += ids; t.seq.mm += [0] * len(ids)
+                if i < turns - 1:
+                    result = box.run("print(1)")
+                    t.seq.extend(encode(processor, OBS_PREFIX + tools.format_code_result(result) + OBS_SUFFIX))
+    return gen
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", action="store_true", help="measure rollout throughput three ways (see module doc)")
+    ap.add_argument("--preset", default="mini", choices=["test", "mini", "7b"], help="model to bench: tiny presets "
+                    "or the real 7B architecture with random weights (GPU)")
+    ap.add_argument("--n", type=int, default=None, help="trajectories (default 16 on CPU presets, 64 for 7b)")
+    ap.add_argument("--turns", type=int, default=4, help="model turns per trajectory (3 code calls, then an answer)")
+    ap.add_argument("--turn-tokens", type=int, default=48, help="tokens generated per turn")
+    ap.add_argument("--skip-generate", action="store_true", help="do not run the slow model.generate baseline")
+    args = ap.parse_args()
+    if not args.bench:
+        return ap.print_help()
+    bench(args.preset, args.n or (64 if args.preset == "7b" else 16), args.turns, args.turn_tokens,
+          skip_generate=args.skip_generate)
+
+
+if __name__ == "__main__":
+    main()
