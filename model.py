@@ -204,6 +204,40 @@ def load_model(name_or_path=DEFAULT_MODEL, device=None, dtype=None):
     return model.to(device).eval(), processor
 
 
+def save_checkpoint(out, model, processor, optimizer, step, scheduler=None):
+    """Weights (safetensors, hub layout) + optimizer, scheduler, step and RNG state, written to a temp folder and
+    renamed into place: a crash never leaves a half-written checkpoint."""
+    import shutil
+    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    processor.tokenizer.save_pretrained(tmp)
+    torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None,
+                    step=step, rng=torch.get_rng_state()), os.path.join(tmp, "trainer_state.pt"))
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(out, optimizer, scheduler=None):
+    """Restore the trainer state save_checkpoint wrote (the weights load with load_model(out/checkpoint), which
+    maps the hub key layout); returns the step to continue from (0 if there is no checkpoint)."""
+    path = os.path.join(out, "checkpoint", "trainer_state.pt")
+    if not os.path.exists(path):
+        return 0
+    trainer = torch.load(path, weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    if scheduler is not None and trainer["scheduler"]:
+        scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    return trainer["step"]
+
+
 def _train_tokenizer(vocab_size, corpus):
     """Byte-level BPE trained on the project's own text, with Qwen's special tokens and the protocol tags."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

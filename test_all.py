@@ -347,3 +347,93 @@ def test_infra_error_is_counted_and_observed(tiny):
     [t] = R.rollout(model, processor, [sample()], script=scripted(SCRIPT[1:2] + SCRIPT[-1:]),
                     search_url="http://127.0.0.1:9", on_infra_error="end")
     assert t.finish == "infra_error"
+
+
+# ================================================================================================ grpo.py
+import grpo as G
+
+
+@pytest.mark.parametrize("response,source,expected", [
+    ("<think>ok</think><answer>1889</answer>", "reason", (1.0, 1.0, 1.0)),
+    ("ok</think><answer>1889</answer>", "reason", (1.0, 1.0, 1.0)),                   # leading <think> assumed
+    ("<think>ok</think><answer>1900</answer>", "reason", (0.2, 0.0, 1.0)),
+    ("<think>ok<answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),                    # </think> missing
+    ("<think>a</think><code>x<think>b</think><answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),   # open <code>
+    ("<think>a</think><answer></answer>", "reason", (0.0, 0.0, 0.0)),                  # empty answer
+    ("<think>a</think><answer>1889</answer></think>", "reason", (0.8, 1.0, 0.0)),     # no answer after last </think>
+    ("<think>a</think><tool_call>{}</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>r</tool_response>"
+     "<|im_end|>\n<|im_start|>assistant\n<think>b</think><answer>1889</answer>", "search", (0.8 * 0.9 + 0.2, 0.9, 1.0)),
+    ("<think>a</think><tool_call>{}<think>b</think><answer>1889</answer>", "search", (0.8 * 0.9, 0.9, 0.0)),
+    ("<think>a</think><answer>" + "1889 " * 70 + "</answer>", "reason", (0.0, 0.0, 0.0)),   # >= 300 characters
+])
+def test_reward_table(response, source, expected):
+    r = G.compute_reward(response, "1889", source)
+    assert (r["score"], r["acc"], r["format"]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("pred,gold,ok", [("(B) a cat", "B", 1), ("b", "B", 1), ("C", "B", 0), ("1,234", "1234", 1),
+                                          ("\\boxed{\\frac12}", "\\frac12", 1), ("0.5", "1/2", 1), ("42 cm", "42", 1),
+                                          ("The Eiffel Tower.", "eiffel tower", 1), ("41", "42", 0), (None, "1", 0)])
+def test_rule_judge(pred, gold, ok):
+    assert G.rule_judge(pred, gold) == ok
+
+
+def test_group_advantages_by_hand():
+    adv = G.group_advantages([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5], 4)
+    # mean 0.25; unbiased variance (0.75^2 + 3 * 0.25^2) / 3 = 0.25, so std 0.5
+    assert adv[:4].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
+    assert torch.all(adv[4:] == 0)                                # an all-equal group contributes nothing
+
+
+def test_policy_loss_clip_and_dual_clip_by_hand():
+    old = torch.zeros(1, 3)
+    mask = torch.ones(1, 3)
+    # positive advantage, ratio e^0.5 = 1.65 > 1.2: clipped to 1.2 -> loss -1.2 * A
+    loss, cf = G.policy_loss(torch.full((1, 3), 0.5), old, torch.tensor([2.0]), mask)
+    assert loss.item() == pytest.approx(-2.4) and cf.item() == 1.0
+    # negative advantage, huge ratio e^3: -A * ratio = 20.1 > 3 |A| = 3 -> dual-clipped to 3
+    loss, _ = G.policy_loss(torch.full((1, 3), 3.0), old, torch.tensor([-1.0]), mask)
+    assert loss.item() == pytest.approx(3.0)
+    # ratio 1: plain -A
+    loss, cf = G.policy_loss(old.clone(), old, torch.tensor([0.7]), mask)
+    assert loss.item() == pytest.approx(-0.7) and cf.item() == 0.0
+
+
+def test_policy_loss_is_a_mean_per_sequence_then_over_sequences():
+    logp = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[1., 0, 0, 0], [1, 1, 1, 1]])
+    loss, _ = G.policy_loss(logp, torch.zeros(2, 4), torch.tensor([1.0, 1.0]), mask)
+    loss.backward()
+    assert logp.grad[0, 0].item() == pytest.approx(-0.5)          # one token carries its whole sequence
+    assert logp.grad[1].tolist() == pytest.approx([-0.125] * 4)
+    assert torch.all(logp.grad[0, 1:] == 0)                        # masked tokens: exactly zero gradient
+
+
+def test_one_grpo_step_moves_positive_advantage_tokens_up(tiny, search_url):
+    model, processor, _ = tiny
+    good = ["<think>look</think><answer>1889</answer><|im_end|>"]
+    bad = ["<think>guess</think><answer>1900</answer><|im_end|>"]
+    trajs = R.rollout(model, processor, [sample()], n=1, script=scripted(good)) + \
+        R.rollout(model, processor, [sample()], n=1, script=scripted(bad))
+    G.score_all(trajs)
+    adv = G.group_advantages([t.reward["score"] for t in trajs], 2)
+    assert adv[0] > 0 > adv[1]
+    before = [M.token_logprobs(model, [t.seq])[0] for t in trajs]
+    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--lr", "1e-2"])
+    work = __import__("copy").deepcopy(model).train()
+    G.grpo_update(work, torch.optim.AdamW(work.parameters(), lr=args.lr), trajs, adv, args)
+    after = [M.token_logprobs(work, [t.seq])[0] for t in trajs]
+    m0 = torch.tensor(trajs[0].action_mask[1:], dtype=torch.bool)
+    m1 = torch.tensor(trajs[1].action_mask[1:], dtype=torch.bool)
+    assert after[0][m0].sum() > before[0][m0].sum() and after[1][m1].sum() < before[1][m1].sum()
+
+
+def test_checkpoint_is_atomic_and_resumes(tiny, tmp_path):
+    model, processor, _ = tiny
+    work = __import__("copy").deepcopy(model)
+    opt = torch.optim.AdamW(work.parameters(), lr=1e-3)
+    M.save_checkpoint(str(tmp_path), work, processor, opt, 7)
+    assert os.listdir(tmp_path) == ["checkpoint"]
+    fresh, _ = M.load_model(str(tmp_path / "checkpoint"), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(work.state_dict().values(), fresh.state_dict().values()))
+    assert M.load_checkpoint(str(tmp_path), torch.optim.AdamW(fresh.parameters(), lr=1e-3)) == 7

@@ -1,0 +1,384 @@
+"""grpo.py -- reinforcement learning over multi-turn tool rollouts: the paper's reward and GRPO, hand-written.
+
+  compute_reward(response, answer, data_source, ...)   SPEC section 4: 0.8 * accuracy + 0.2 * format, search cost
+  group_advantages(rewards, group_size)                (r - group mean) / (unbiased group std + 1e-6)
+  policy_loss(logp, old_logp, adv, mask)               PPO clip 0.2 / 0.2, dual clip 3.0, per-sequence token mean
+
+The loop: prompts -> rollout n per prompt -> rewards (judge calls in parallel) -> old log-probs recomputed by the
+trainer -> mini-batch updates -> metrics JSONL -> atomic, resumable checkpoint. Defaults are the paper's.
+
+Deliberate choices: no KL and no reference model, no entropy bonus, zero-variance groups kept (advantage 0), as the
+authors ran it; `--kl` and `--drop-flat-groups` turn those on. Trajectories that hit an infrastructure error
+(sandbox or search backend down, judge unreachable) get advantage 0: they are counted, never learned from.
+
+Commands:
+  python grpo.py --model PATH --data rl.jsonl                   # the paper's settings (one 80 GB GPU: see README)
+  python grpo.py --tiny --model runs/sft --data data/world/rl_train.jsonl --out runs/grpo   # the CPU preset
+  python grpo.py convert DeepEyesV2_RL/*.parquet --out rl_data   # released parquet -> our JSONL (needs pyarrow)
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+import torch
+
+import model as M
+import rollout as R
+
+
+# ================================================================================================ the reward
+def format_ok(response, data_source):
+    """SPEC 4 format rules on the decoded response (tool outputs included)."""
+    text = response if response.lstrip().startswith("<think>") else "<think>" + response   # leading <think> assumed
+    if text.count("<think>") != text.count("</think>") or text.count("<think>") == 0:
+        return False
+    if text.count("<code>") != text.count("</code>"):
+        return False
+    if data_source == "search" and text.count("<tool_call>") != text.count("</tool_call>"):
+        return False
+    tail = text.rsplit("</think>", 1)[1]
+    if tail.count("<answer>") != tail.count("</answer>") or tail.count("<answer>") == 0:
+        return False
+    return tail.split("<answer>", 1)[1].split("</answer>", 1)[0].strip() != ""
+
+
+def normalize(s):
+    """Minerva-style normalisation: drop \\boxed, \\text, $, units-ish trailing words, thousands separators."""
+    s = str(s).strip()
+    s = re.sub(r"\\boxed\{(.*)\}", r"\1", s)
+    s = re.sub(r"\\text(?:bf)?\{(.*?)\}", r"\1", s)
+    s = s.replace("$", "").replace("\\%", "%").replace("\\!", "").replace("dfrac", "frac")
+    s = re.sub(r"(\d),(\d{3})", r"\1\2", s)
+    s = s.lower().strip().rstrip(".").strip()
+    s = re.sub(r"^(the answer is|answer:)\s*", "", s)
+    s = re.sub(r"\b(a|an|the)\b\s*", "", s)
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def as_number(s):
+    s = normalize(s).rstrip("%").strip()
+    m = re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", s) or re.fullmatch(r"(-?\d+)\s*/\s*(\d+)", s)
+    if not m:
+        m = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*[a-z°%]{0,12}", s)   # "42 cm", "3.5 kg": drop the unit
+        return float(m.group(1)) if m else None
+    if "/" in s:
+        return int(m.group(1)) / int(m.group(2)) if int(m.group(2)) else None
+    return float(s)
+
+
+def choice_letter(s):
+    """The option letter of a multiple-choice answer: "B", "(B)", "B. text", "Option B", "the answer is B"."""
+    m = re.fullmatch(r"\s*(?:\(?(?:option\s+)?([A-Ea-e])\)?[.:)]?)(?:\s.*)?", str(s), re.DOTALL)
+    return m.group(1).upper() if m else None
+
+
+def rule_judge(pred, gold, tolerance=1e-4):
+    """1.0 if `pred` matches `gold` by rules: option letter, number within relative tolerance, normalised text."""
+    if pred is None:
+        return 0.0
+    if re.fullmatch(r"[A-E]", str(gold).strip()):
+        return float(choice_letter(pred) == str(gold).strip())
+    a, b = as_number(pred), as_number(gold)
+    if a is not None and b is not None:
+        return float(abs(a - b) <= tolerance * max(1.0, abs(b)))
+    return float(normalize(pred) == normalize(gold))
+
+
+class JudgeError(RuntimeError):
+    """The LLM judge could not be reached: an infrastructure error, never a wrong answer."""
+
+
+class LLMJudge:
+    """An OpenAI-compatible chat endpoint that decides whether an answer means the same as the reference."""
+    PROMPT = ("Judge whether the candidate answer means the same as the reference answer for the question. For math, "
+              "judge mathematical equivalence and ignore units and formatting.\nQuestion: {q}\nReference: {gold}\n"
+              "Candidate: {pred}\nReply with exactly one word: Yes or No.")
+
+    def __init__(self, url, model, api_key=None, timeout=60, retries=3, temperature=0.3):
+        self.url, self.model, self.timeout, self.retries, self.temperature = url.rstrip("/"), model, timeout, retries, \
+            temperature
+        self.api_key = api_key or os.environ.get("JUDGE_API_KEY", "EMPTY")
+
+    def __call__(self, question, pred, gold):
+        body = dict(model=self.model, temperature=self.temperature, max_tokens=8, messages=[
+            {"role": "user", "content": self.PROMPT.format(q=question, gold=gold, pred=pred)}])
+        last = None
+        for attempt in range(self.retries):
+            try:
+                r = requests.post(self.url + "/chat/completions", json=body, timeout=self.timeout,
+                                  headers={"Authorization": f"Bearer {self.api_key}"})
+                r.raise_for_status()
+                verdict = re.search(r"\b(yes|no)\b", r.json()["choices"][0]["message"]["content"], re.I)
+                if verdict:
+                    return float(verdict.group(1).lower() == "yes")
+                last = "no Yes/No in the reply"
+            except (requests.RequestException, KeyError, IndexError, ValueError) as e:
+                last = str(e)[:200]
+            time.sleep(0.5 * 2 ** attempt)
+        raise JudgeError(f"judge {self.url} failed after {self.retries} tries: {last}")
+
+
+def extract_answer(response):
+    answers = re.findall(r"<answer>(.*?)</answer>", response, re.DOTALL)
+    return answers[-1].strip() if answers else None
+
+
+def compute_reward(response, answer, data_source, question="", judge=None):
+    """SPEC 4: score = 0.8 * acc + 0.2 * format; answers of >= 300 characters get 0 and 0 (no judge hacking)."""
+    pred = extract_answer(response)
+    if pred is not None and len(pred) >= 300:
+        return dict(score=0.0, acc=0.0, format=0.0)
+    fmt = float(format_ok(response, data_source))
+    acc = rule_judge(pred, answer)
+    if not acc and judge is not None and pred:   # rules first, the judge for what rules cannot decide
+        acc = judge(question, pred, answer)
+    if data_source == "search" and "<tool_call>" in response:
+        acc *= 0.9                               # a small cost per searched trajectory
+    return dict(score=0.8 * acc + 0.2 * fmt, acc=acc, format=fmt)
+
+
+# ================================================================================================ GRPO core
+def group_advantages(rewards, group_size):
+    """(r - mean of its group) / (unbiased std of the group + 1e-6); all-equal groups get exactly 0."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=True) + 1e-6)).view(-1)
+
+
+def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
+    """PPO-clip with dual clip, per token; mean over each sequence's model tokens, then over sequences.
+    logp, old_logp, mask: [B, T]; adv: [B] (broadcast to every model token). Returns (loss, clip fraction)."""
+    log_ratio = (logp - old_logp).clamp(-20, 20)
+    ratio = log_ratio.exp()
+    a = adv[:, None]
+    clipped = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high))
+    per_token = torch.where(a < 0, torch.minimum(clipped, dual_clip * a.abs()), clipped)   # dual clip: cap at 3|A|
+    per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+    clip_frac = (((ratio - 1).abs() > clip_low).float() * mask).sum() / mask.sum().clamp(min=1)
+    return per_seq.mean(), clip_frac
+
+
+def score_all(trajs, judge=None, workers=16):
+    """Rewards for every trajectory, judge calls in parallel; judge failures are counted, not scored."""
+    def one(t):
+        try:
+            t.reward = compute_reward(t.response, t.sample.answer, t.sample.data_source, t.sample.question, judge)
+        except JudgeError:
+            t.infra_errors += 1
+            t.reward = dict(score=0.0, acc=0.0, format=0.0)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, trajs))
+
+
+@torch.no_grad()
+def recompute_logprobs(model, trajs, micro):
+    """Old log-probs by the trainer's own forward (not the sampler's): the ratio starts at exactly 1."""
+    out = []
+    for i in range(0, len(trajs), micro):
+        lp = M.token_logprobs(model, [t.seq for t in trajs[i:i + micro]])
+        out += [row[:len(t.seq.ids) - 1].cpu() for row, t in zip(lp, trajs[i:i + micro])]
+    return out   # one [len - 1] tensor per trajectory
+
+
+def grpo_update(model, opt, trajs, adv, args):
+    """One rollout batch -> len(trajs) / (mini_batch * group) optimizer steps, 1 epoch. Returns step metrics."""
+    dev = next(model.parameters()).device
+    micro = args.micro_batch
+    old = recompute_logprobs(model, trajs, micro)
+    per_step = args.mini_batch * args.group
+    stats = []
+    for s in range(0, len(trajs), per_step):
+        opt.zero_grad(set_to_none=True)
+        clip, ent = [], []
+        for i in range(s, min(s + per_step, len(trajs)), micro):
+            chunk = trajs[i:i + micro]
+            logp, entropy = M.token_logprobs(model, [t.seq for t in chunk], with_entropy=True)
+            T = logp.shape[1]
+            mask = torch.zeros_like(logp)
+            for b, t in enumerate(chunk):   # tool outputs and image pads are in the context, never in the loss
+                mask[b, :len(t.action_mask) - 1] = torch.tensor(t.action_mask[1:], dtype=mask.dtype)
+            old_lp = torch.stack([torch.nn.functional.pad(old[i + b], (0, T - len(old[i + b])))
+                                  for b in range(len(chunk))]).to(dev)
+            loss, cf = policy_loss(logp, old_lp, adv[i:i + len(chunk)].to(dev), mask, args.clip_low, args.clip_high,
+                                   args.dual_clip)
+            if args.kl:   # optional (off in the paper): k3 estimator against the reference log-probs
+                ref = torch.stack([torch.nn.functional.pad(t.ref_logp, (0, T - len(t.ref_logp))) for t in chunk]).to(dev)
+                kl = ((ref - logp).exp() - (ref - logp) - 1) * mask
+                loss = loss + args.kl * (kl.sum(1) / mask.sum(1).clamp(min=1)).mean()
+            (loss * len(chunk) / min(per_step, len(trajs) - s)).backward()   # sequences weigh the same in the mean
+            clip.append(cf.item())
+            ent.append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        opt.step()
+        stats.append(dict(clip_frac=sum(clip) / len(clip), entropy=sum(ent) / len(ent), grad_norm=gnorm))
+    return {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
+
+
+def batch_metrics(trajs):
+    n = len(trajs)
+    mean = lambda f: sum(f(t) for t in trajs) / n
+    return dict(reward=mean(lambda t: t.reward["score"]), acc=mean(lambda t: t.reward["acc"]),
+                format=mean(lambda t: t.reward["format"]), turns=mean(lambda t: t.turns),
+                response_tokens=mean(lambda t: len(t.seq.ids) - t.prompt_len),
+                code_calls=mean(lambda t: t.calls["code"]), search_calls=mean(lambda t: t.calls["search"]),
+                image_search_calls=mean(lambda t: t.calls["image_search"]),
+                infra_errors=sum(t.infra_errors for t in trajs))
+
+
+# ================================================================================================ data
+def load_prompts(path):
+    """JSONL rows {images: [paths relative to the file], question, answer, data_source, id}."""
+    from PIL import Image
+    root, samples = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                images = [Image.open(os.path.join(root, p)).convert("RGB") for p in row.get("images", [])]
+                samples.append(R.Sample(images, row["question"], str(row["answer"]), row.get("data_source", "reason"),
+                                        str(row.get("id", n))))
+            except (ValueError, KeyError, OSError) as e:
+                print(f"{path}:{n}: skipped ({e})", file=sys.stderr)
+    return samples
+
+
+def convert(parquets, out):
+    """Released DeepEyesV2_RL parquet -> our JSONL + image files (pyarrow is needed here, and only here)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        sys.exit("error: converting parquet needs pyarrow: pip install pyarrow")
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    with open(os.path.join(out, "rl.jsonl"), "w") as f:
+        for path in parquets:
+            for i, row in enumerate(pq.read_table(path).to_pylist()):
+                extra, names = row.get("extra_info") or {}, []
+                for j, img in enumerate(row.get("images") or []):
+                    name = f"images/{os.path.basename(path)}_{i}_{j}.png"
+                    with open(os.path.join(out, name), "wb") as g:
+                        g.write(img["bytes"])
+                    names.append(name)
+                question = extra.get("question") or re.sub(r"<image>", "", row["prompt"][-1]["content"]).strip()
+                f.write(json.dumps(dict(images=names, question=question, data_source=row.get("data_source", "reason"),
+                                        answer=row["reward_model"]["ground_truth"], id=extra.get("index", i))) + "\n")
+    print(f"wrote {out}/rl.jsonl")
+
+
+# ================================================================================================ the loop
+def train(args):
+    torch.manual_seed(args.seed)
+    ckpt = os.path.join(args.out, "checkpoint")
+    resume = args.resume and os.path.exists(ckpt)
+    model, processor = M.load_model(ckpt if resume else args.model)
+    if args.grad_ckpt:
+        M.set_gradient_checkpointing(model, True)
+    samples = load_prompts(args.data)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step = M.load_checkpoint(args.out, opt) if resume else 0
+    judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
+    os.makedirs(args.out, exist_ok=True)
+    n_batches = min(args.steps, math.ceil(len(samples) * args.epochs / args.prompts))
+    for step in range(step, n_batches):
+        t0 = time.time()
+        prompts = [samples[(step * args.prompts + k) % len(samples)] for k in range(args.prompts)]
+        model.eval()
+        trajs = R.rollout(model, processor, prompts, n=args.group, temperature=args.temperature,
+                          top_p=args.top_p, max_turns=args.max_turns, search_url=args.search_url,
+                          max_response_tokens=args.max_response_tokens, max_turn_tokens=args.max_turn_tokens,
+                          max_pixels=args.max_pixels)
+        t1 = time.time()
+        score_all(trajs, judge)
+        adv = group_advantages([t.reward["score"] for t in trajs], args.group)   # <- the advantage
+        adv[torch.tensor([t.infra_errors > 0 for t in trajs])] = 0.0            # never learn from broken tools
+        if args.drop_flat_groups:
+            flat = adv.view(-1, args.group).abs().sum(1) == 0
+            trajs = [t for k, t in enumerate(trajs) if not flat[k // args.group]]
+            adv = adv.view(-1, args.group)[~flat].view(-1)
+        if args.kl:
+            ref = M.load_model(args.model)[0] if not hasattr(train, "ref") else train.ref
+            train.ref = ref
+            for t, lp in zip(trajs, recompute_logprobs(ref, trajs, args.micro_batch)):
+                t.ref_logp = lp
+        t2 = time.time()
+        model.train()
+        upd = grpo_update(model, opt, trajs, adv, args) if trajs else {}
+        metrics = dict(step=step + 1, **batch_metrics(trajs or [t]), **upd, t_rollout=t1 - t0, t_reward=t2 - t1,
+                       t_update=time.time() - t2)
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        print(f"\rstep {step + 1}/{n_batches} reward {metrics['reward']:.3f} acc {metrics['acc']:.3f} "
+              f"tools {metrics['code_calls'] + metrics['search_calls'] + metrics['image_search_calls']:.2f} "
+              f"len {metrics['response_tokens']:.0f} ({time.time() - t0:.1f}s)", end="", flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == n_batches:
+            M.save_checkpoint(args.out, model, processor, opt, step + 1)
+    print()
+    return model
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=M.DEFAULT_MODEL, help="policy to start from: hub name or folder (the SFT one)")
+    ap.add_argument("--data", help="RL prompts JSONL (images, question, answer, data_source)")
+    ap.add_argument("--out", default="runs/grpo", help="checkpoint and metrics folder")
+    ap.add_argument("--group", type=int, default=16, help="samples per prompt (GRPO group size)")
+    ap.add_argument("--prompts", type=int, default=256, help="prompts per rollout batch")
+    ap.add_argument("--mini-batch", type=int, default=32, help="prompts per optimizer step (8 steps per batch)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="trajectories per forward (memory, not math)")
+    ap.add_argument("--epochs", type=float, default=1, help="passes over the prompts")
+    ap.add_argument("--steps", type=int, default=10**9, help="stop after this many rollout batches")
+    ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (constant)")
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    ap.add_argument("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1")
+    ap.add_argument("--clip-high", type=float, default=0.2, help="PPO ratio clip above 1")
+    ap.add_argument("--dual-clip", type=float, default=3.0, help="cap of the loss for negative advantages, x|A|")
+    ap.add_argument("--kl", type=float, default=0.0, help="KL coefficient to the start model (paper: 0, off)")
+    ap.add_argument("--drop-flat-groups", action="store_true", help="drop groups with equal rewards (paper: kept)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    ap.add_argument("--max-turns", type=int, default=9, help="model turns per trajectory")
+    ap.add_argument("--max-turn-tokens", type=int, default=8192, help="tokens per model turn")
+    ap.add_argument("--max-response-tokens", type=int, default=16384, help="response budget, observations included")
+    ap.add_argument("--max-pixels", type=int, default=M.RL_MAX_PIXELS, help="pixel cap of input images")
+    ap.add_argument("--search-url", default=None, help="search backend (default $DEEPEYES_SEARCH_URL or local)")
+    ap.add_argument("--judge-url", default=os.environ.get("JUDGE_URL"), help="OpenAI-compatible judge base URL "
+                    "(default $JUDGE_URL; none: the rule judge only)")
+    ap.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", "Qwen2.5-72B-Instruct"), help="judge model")
+    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
+    ap.add_argument("--save-every", type=int, default=10, help="checkpoint every N rollout batches")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    ap.add_argument("--seed", type=int, default=0, help="random seed")
+    ap.add_argument("--tiny", action="store_true", help="CPU preset: group 4, 8 prompts, mini-batch 4, lr 1e-4, "
+                    "short turns")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        for k, v in dict(group=4, prompts=8, mini_batch=4, micro_batch=16, lr=1e-4, max_turn_tokens=96,
+                         max_response_tokens=1024, max_turns=4, grad_ckpt=False, save_every=5).items():
+            if getattr(args, k) == ap.get_default(k):
+                setattr(args, k, v)
+    return args
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "convert":
+        ap = argparse.ArgumentParser(description="convert DeepEyesV2_RL parquet files to our JSONL")
+        ap.add_argument("parquets", nargs="+", help="the released parquet files")
+        ap.add_argument("--out", required=True, help="output folder (rl.jsonl + images/)")
+        a = ap.parse_args(sys.argv[2:])
+        return convert(a.parquets, a.out)
+    args = parse_args()
+    if not args.data or not os.path.exists(args.data):
+        sys.exit(f"error: RL data {args.data!r} not found: convert the released parquet with "
+                 "`python grpo.py convert FILES --out DIR`, or build the miniature world with `python data/world.py`")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
