@@ -425,7 +425,8 @@ def test_one_grpo_step_moves_positive_advantage_tokens_up(tiny, search_url):
     after = [M.token_logprobs(work, [t.seq])[0] for t in trajs]
     m0 = torch.tensor(trajs[0].action_mask[1:], dtype=torch.bool)
     m1 = torch.tensor(trajs[1].action_mask[1:], dtype=torch.bool)
-    assert after[0][m0].sum() > before[0][m0].sum() and after[1][m1].sum() < before[1][m1].sum()
+    gain = [after[k][m].sum() - before[k][m].sum() for k, m in ((0, m0), (1, m1))]
+    assert gain[0] > 0 and gain[0] > gain[1]   # shared tokens may rise in both; the rewarded sequence rises more
 
 
 def test_checkpoint_is_atomic_and_resumes(tiny, tmp_path):
