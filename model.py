@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
@@ -161,21 +162,29 @@ def collate(model, seqs, device):
     return batch
 
 
-def token_logprobs(model, seqs, temperature=1.0, with_entropy=False):
+def token_logprobs(model, seqs, temperature=1.0, with_entropy=False, chunk=2048):
     """Per-token log-probs [B, T-1] of seqs[b].ids[1:] under the model (one forward, right padded).
 
-    Entry t scores token t+1. Padding positions hold 0. This is the training forward that the rollout's sampler
-    log-probs must match (test_all.py::test_rollout_logprobs_match_training_forward)."""
+    Entry t scores token t+1. Padding positions hold 0. This is the training forward of SFT and GRPO, and the
+    rollout's sampler log-probs must match it (test_all.py::test_rollout_logprobs_match_training_forward).
+    The vocabulary projection runs `chunk` positions at a time under checkpointing: full float32 logits of a
+    16k-token 7B trajectory would be 16384 x 152064 x 4 bytes = 10 GB, twice over with the log-softmax."""
     device = next(model.parameters()).device
     batch = collate(model, seqs, device)
-    logits = model(**batch, use_cache=False).logits[:, :-1].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
+    hidden = model.model(**batch, use_cache=False).last_hidden_state[:, :-1]
     targets = batch["input_ids"][:, 1:]
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * batch["attention_mask"][:, 1:]
-    if not with_entropy:
-        return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1) * batch["attention_mask"][:, 1:]
-    return logp, entropy
+
+    def score(h, tgt):   # one chunk: logits -> log-softmax -> log-prob of the target (and the entropy)
+        logp_all = F.log_softmax(model.lm_head(h).float() / temperature, dim=-1)
+        logp = logp_all.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        return logp, (-(logp_all.exp() * logp_all).sum(-1) if with_entropy else logp)
+
+    parts = [torch.utils.checkpoint.checkpoint(score, hidden[:, s:s + chunk], targets[:, s:s + chunk],
+                                               use_reentrant=False) if torch.is_grad_enabled()
+             else score(hidden[:, s:s + chunk], targets[:, s:s + chunk]) for s in range(0, targets.shape[1], chunk)]
+    live = batch["attention_mask"][:, 1:]
+    logp = torch.cat([p[0] for p in parts], 1) * live
+    return (logp, torch.cat([p[1] for p in parts], 1) * live) if with_entropy else logp
 
 
 def set_gradient_checkpointing(model, on=True):

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import model as M
+import sft as S
 import tools as T
 
 
@@ -269,22 +270,30 @@ def test_rollout_runs_every_tool_and_masks_exactly_the_model_tokens(tiny, search
     assert all(m == 0 for m in t.action_mask[:t.prompt_len])
 
 
-def test_rollout_ids_equal_chat_template_of_the_final_conversation(tiny, search_url):
-    model, processor, _ = tiny
-    [t] = R.rollout(model, processor, [sample()], script=scripted(SCRIPT), search_url=search_url)
-    # rebuild the conversation as SFT data would hold it: model turns are assistant messages, observations user ones
-    text = processor.tokenizer.decode(t.seq.ids[t.prompt_len:])
-    text = __import__("re").sub(r"(<\|image_pad\|>)+", "<|image_pad|>", text)   # one placeholder per image
+def conversation_of(traj, tok):
+    """The trajectory as SFT data holds it: model turns are assistant messages, observations user ones."""
+    text = __import__("re").sub(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>", "<image>",
+                                tok.decode(traj.seq.ids[traj.prompt_len:]))
     parts = text.split(R.OBS_PREFIX)
-    msgs = R.prompt_messages(t.sample)
-    msgs.append({"role": "assistant", "content": parts[0]})
+    msgs = [{"role": "system", "content": R.SYSTEM_PROMPT},
+            {"role": "user", "content": "<image>" * len(traj.sample.images) + traj.sample.question + R.USER_SUFFIX},
+            {"role": "assistant", "content": parts[0]}]
     for part in parts[1:]:
         obs, turn = part.split(R.OBS_SUFFIX)
         msgs += [{"role": "user", "content": obs}, {"role": "assistant", "content": "<think>" + turn}]
     msgs[-1]["content"] = msgs[-1]["content"].removesuffix("<|im_end|>")
-    conv = processor.apply_chat_template(msgs, tokenize=False)
-    images = t.sample.images + [Image.new("RGB", (20, 20))] + [Image.new("RGB", (48, 48))] * 3
-    ref = M.encode(processor, conv, images)
+    return msgs
+
+
+SCRIPT_IMAGES = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (20, 20))] + [Image.new("RGB", (48, 48))] * 3
+
+
+def test_rollout_ids_equal_chat_template_of_the_final_conversation(tiny, search_url):
+    model, processor, _ = tiny
+    [t] = R.rollout(model, processor, [sample()], script=scripted(SCRIPT), search_url=search_url)
+    msgs = [dict(m, content=m["content"].replace("<image>", M.IMAGE_PLACEHOLDER))
+            for m in conversation_of(t, processor.tokenizer)]
+    ref = M.encode(processor, processor.apply_chat_template(msgs, tokenize=False), SCRIPT_IMAGES)
     assert ref.ids[:-1] == t.seq.ids                      # the template adds one "\n" after the final <|im_end|>
 
 
@@ -438,3 +447,86 @@ def test_checkpoint_is_atomic_and_resumes(tiny, tmp_path):
     fresh, _ = M.load_model(str(tmp_path / "checkpoint"), device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(work.state_dict().values(), fresh.state_dict().values()))
     assert M.load_checkpoint(str(tmp_path), torch.optim.AdamW(fresh.parameters(), lr=1e-3)) == 7
+
+
+# ================================================================================================ sft.py
+def test_sft_tokens_are_the_rollout_tokens_and_labels_its_action_mask(tiny, search_url):
+    model, processor, _ = tiny
+    [t] = R.rollout(model, processor, [sample()], script=scripted(SCRIPT), search_url=search_url)
+    seq, labels = S.encode_conversation(processor, conversation_of(t, processor.tokenizer), SCRIPT_IMAGES,
+                                        max_pixels=M.RL_MAX_PIXELS)
+    assert seq.ids == t.seq.ids and seq.grids == t.seq.grids
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    differ = [i for i, (a, b) in enumerate(zip(labels, t.action_mask)) if a != b]
+    # the only difference, token by token: SFT also trains the <|im_end|> closing each of the 4 tool turns,
+    # which a rollout's observation writes (generation stops at </code> / </tool_call>)
+    assert len(differ) == len(SCRIPT) - 1 and all(seq.ids[i] == im_end and labels[i] == 1 for i in differ)
+    assert labels[-1] == 1 and seq.ids[-1] == im_end      # the final EOS is trained on
+
+
+def write_sft_set(root, n=4):
+    """n short conversations over coloured images, the answer readable from the image colour."""
+    rows = []
+    for i, colour in enumerate(["red", "green", "blue", "yellow"][:n]):
+        Image.new("RGB", (56, 56), colour).save(root / f"{colour}.png")
+        rows.append({"images": [f"{colour}.png"], "messages": [
+            {"role": "user", "content": "<image>Which colour is it?"},
+            {"role": "assistant", "content": "<think>crop</think><code>\n```python\nprint(1)\n```\n</code>"},
+            {"role": "user", "content": "Code execution result:\nstdout:\n```\n1\n```"},
+            {"role": "assistant", "content": f"<think>it is {colour}</think><answer>{colour}</answer>"}]})
+    path = root / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_sft_loss_falls_by_half_on_a_small_fixed_set(tiny, tmp_path):
+    data = write_sft_set(tmp_path)
+    S.train(S.parse_args(["--tiny", "--model", tiny[2], "--data", data, "--out", str(tmp_path / "run"),
+                          "--epochs", "15", "--lr", "1e-2"]))
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
+
+
+def test_sft_resume_is_exact_and_vision_stays_frozen(tiny, tmp_path):
+    data = write_sft_set(tmp_path)
+    args = lambda out, *extra: S.parse_args(["--tiny", "--model", tiny[2], "--data", data, "--out", str(out), *extra])
+    straight = S.train(args(tmp_path / "a", "--steps", "4"))
+    S.train(args(tmp_path / "b", "--steps", "2"))
+    resumed = S.train(args(tmp_path / "b", "--steps", "4", "--resume"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    start = tiny[0].state_dict()
+    moved = {k for k, v in straight.state_dict().items() if not torch.equal(v, start[k])}
+    assert moved and not any(".visual." in k or k.startswith("visual") for k in moved)
+    assert any("layers.0.mlp" in k for k in moved)
+
+
+def test_sft_converter_keeps_good_rows_and_reports_bad_ones_by_line(tmp_path, capsys):
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    good = {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "<answer>x</answer>"}],
+            "images": ["a.png"]}
+    sharegpt = {"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"},
+                                  {"from": "observation", "value": "out"}, {"from": "gpt", "value": "B"}],
+                "images": ["a.png"]}
+    two_holes = {"messages": [{"role": "user", "content": "<image><image>Q"}, {"role": "assistant", "content": "A"}],
+                 "images": ["a.png"]}
+    missing = dict(good, images=["nope.png"])
+    (tmp_path / "src.json").write_text(json.dumps([good, two_holes, sharegpt, missing], indent=1))
+    (tmp_path / "out").mkdir()
+    S.convert(str(tmp_path / "src.json"), str(tmp_path), str(tmp_path / "out" / "sft.jsonl"))
+    err = capsys.readouterr().err
+    starts = [i for i, line in enumerate((tmp_path / "src.json").read_text().splitlines(), 1) if line == " {"]
+    assert f"src.json:{starts[1]}: skipped (2 <image> placeholders but 1 images)" in err
+    assert f"src.json:{starts[3]}: skipped (missing image" in err and err.count("skipped") == 2
+    rows = S.load_conversations(str(tmp_path / "out" / "sft.jsonl"))
+    assert len(rows) == 2 and [m["role"] for m in rows[1][0]] == ["user", "assistant", "user", "assistant"]
+    assert os.path.exists(rows[0][1][0])
+
+
+def test_sft_loader_reports_bad_lines_by_number(tmp_path, capsys):
+    path = write_sft_set(tmp_path, 2)
+    with open(path, "a") as f:
+        f.write("{not json\n" + json.dumps({"images": [], "messages": [{"role": "user", "content": "<image>"}]}) + "\n")
+    assert len(S.load_conversations(path)) == 2
+    err = capsys.readouterr().err
+    assert "sft.jsonl:3: skipped" in err and "sft.jsonl:4: skipped" in err

@@ -1,0 +1,279 @@
+"""sft.py -- the cold start: supervised fine-tuning on clean tool-use trajectories, loss only on the model's turns.
+
+RL straight from the base model did not give stable tool use (SPEC section 6), so the agent first imitates
+trajectories written by a strong model: it learns the protocol here, and GRPO later learns when to use which tool.
+
+Data (JSONL, one trajectory per line; images by path relative to the file, one "<image>" per image, in order):
+  {"images": ["img/1.png", ...],
+   "messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "<image>question ..."},
+                {"role": "assistant", "content": "<think>...</think><code>...</code>"},
+                {"role": "user", "content": "Code execution result: ..."},        <- a tool output (SPEC 1 format)
+                {"role": "assistant", "content": "<think>...</think><answer>...</answer>"}]}
+
+The tokens are exactly the ones the rollout produces for the same conversation (test_all.py checks it): a tool
+output is encoded as the rollout's observation, pre-filled `<think>` included. Labels are the rollout's action
+mask plus the `<|im_end|>` that closes each tool turn (SPEC 6 trains on it; in a rollout the observation writes it,
+because generation stops at `</code>`).
+
+Deliberate choices:
+- Loss = sum of token losses / label tokens of the whole accumulation window (not a mean of per-sample means:
+  that over-weights short samples, the gradient-accumulation bug HF fixed in 2024).
+- The vocabulary projection is chunked (model.token_logprobs): a 20k-token sample never materialises its logits.
+- Over-long samples (> --cutoff tokens) are skipped and counted rather than truncated (a cut trajectory would
+  teach the model to stop mid-protocol).
+
+Commands:
+  python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data sft.jsonl --out runs/sft    # the paper's settings
+  python sft.py --tiny --model runs/tiny --data data/world/sft.jsonl --out runs/sft    # the CPU preset
+  python sft.py convert DeepEyesV2_SFT.json --images-root DIR --out data/sft.jsonl     # released json -> ours
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+from PIL import Image
+
+import model as M
+import rollout as R
+
+
+# ================================================================================================ tokens + labels
+def encode_conversation(processor, messages, images, max_pixels=M.SFT_MAX_PIXELS):
+    """-> (Seq, labels): the rollout's token stream for this conversation, labels 1 on the model's own tokens.
+
+    Built from segments cut where the tokenizer cannot merge across (special tokens, the "\\n" after a role), so
+    concatenating their encodings is the encoding of the whole text."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    text = lambda m: m["content"].replace("<image>", M.IMAGE_PLACEHOLDER)   # our data holds string contents
+    head = processor.apply_chat_template([dict(m, content=text(m)) for m in messages[:first]], tokenize=False,
+                                         add_generation_prompt=True)
+    segments, observation = [(head, 0)], []
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    for m in messages[first:last + 1]:
+        if m["role"] != "assistant":     # a tool output (or any user turn): the rollout's observation tokens
+            observation.append(text(m))
+            continue
+        content = text(m)
+        if observation:                  # close the previous turn (trained on), then the observation (not)
+            prefill = "<think>" if content.startswith("<think>") else ""
+            segments += [("<|im_end|>", 1),
+                         ("".join(f"\n<|im_start|>user\n{o}<|im_end|>" for o in observation)
+                          + "\n<|im_start|>assistant\n" + prefill, 0)]
+            content, observation = content[len(prefill):], []
+        segments.append((content, 1))
+    segments.append(("<|im_end|>", 1))   # the final turn ends with the model's own EOS
+    seq, labels, todo = M.Seq([], []), [], list(images)
+    for chunk, label in segments:
+        n = chunk.count("<|image_pad|>")
+        part = M.encode(processor, chunk, todo[:n], max_pixels=max_pixels)
+        todo = todo[n:]
+        seq.extend(part)
+        labels += [label if not mm else 0 for mm in part.mm]   # image pads are never trained on
+    if todo:
+        raise ValueError(f"{len(images)} images but {len(images) - len(todo)} placeholders")
+    return seq, labels
+
+
+def load_conversations(path):
+    """JSONL rows {images, messages} -> list of (messages, image paths). Bad rows are reported and skipped."""
+    root, rows = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                messages, images = row["messages"], [os.path.join(root, p) for p in row.get("images", [])]
+                holes = sum(m["content"].count("<image>") for m in messages)
+                if holes != len(images):
+                    raise ValueError(f"{holes} <image> placeholders but {len(images)} images")
+                if not any(m["role"] == "assistant" for m in messages):
+                    raise ValueError("no assistant turn")
+                rows.append((messages, images))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                print(f"{path}:{n}: skipped ({e})", file=sys.stderr)
+    return rows
+
+
+# ================================================================================================ the released data
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+         "observation": "user", "function": "user", "tool": "user"}   # tool outputs are user turns (SPEC 6)
+
+
+def convert(src, images_root, out):
+    """DeepEyesV2_SFT json (a list, or JSONL) of sharegpt rows {messages|conversations, images} -> our JSONL.
+    A row whose <image> placeholders and images disagree (or whose image is missing) is reported and skipped."""
+    with open(src, encoding="utf-8") as f:
+        raw = f.read()
+    rows, dec, pos = [], json.JSONDecoder(), 0
+    if raw.lstrip().startswith("["):   # walk the list item by item, so a bad row is reported with its line
+        pos = raw.index("[") + 1
+        while True:
+            while pos < len(raw) and raw[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(raw) or raw[pos] == "]":
+                break
+            item, end = dec.raw_decode(raw, pos)
+            rows.append((raw.count("\n", 0, pos) + 1, item))
+            pos = end
+    else:
+        rows = [(n, json.loads(line)) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
+    out_dir, kept = os.path.dirname(os.path.abspath(out)), 0
+    with open(out, "w", encoding="utf-8") as f:
+        for line, row in rows:
+            turns = row.get("messages") or row.get("conversations") or []
+            messages = [{"role": ROLES[t.get("role", t.get("from"))], "content": t.get("content", t.get("value"))}
+                        for t in turns if t.get("role", t.get("from")) in ROLES]
+            images = [os.path.join(images_root, p) for p in row.get("images", [])]
+            holes = sum(m["content"].count("<image>") for m in messages)
+            missing = [p for p in images if not os.path.exists(p)]
+            if holes != len(images) or missing or not any(m["role"] == "assistant" for m in messages):
+                why = f"{holes} <image> placeholders but {len(images)} images" if holes != len(images) else \
+                    f"missing image {missing[0]}" if missing else "no assistant turn"
+                print(f"{src}:{line}: skipped ({why})", file=sys.stderr)
+                continue
+            f.write(json.dumps({"images": [os.path.relpath(p, out_dir) for p in images], "messages": messages},
+                               ensure_ascii=False) + "\n")
+            kept += 1
+    print(f"wrote {kept} of {len(rows)} conversations to {out}")
+
+
+# ================================================================================================ training
+def freeze_vision(model):
+    """The vision tower and its projector (`visual.merger`) stay as pretrained (SPEC 6)."""
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+
+
+def order(n, epochs, seed):
+    """Sample index of every data position: a fresh seeded shuffle per epoch (so a resume replays it exactly)."""
+    out = []
+    for e in range(math.ceil(epochs)):
+        perm = list(range(n))
+        random.Random(seed * 1000 + e).shuffle(perm)
+        out += perm
+    return out[:int(n * epochs)]
+
+
+def cosine_with_warmup(opt, total, warmup):
+    def lr_scale(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_scale)
+
+
+def sft_step(model, opt, sched, window, grad_clip):
+    """One optimizer step over an accumulation window of (Seq, labels): the loss is a token mean over the window."""
+    n_labels = sum(sum(lab) for _, lab in window)
+    total = 0.0
+    for seq, labels in window:   # batch 1: one sample per forward, as the paper
+        logp = M.token_logprobs(model, [seq])[0]
+        mask = torch.tensor(labels[1:], dtype=logp.dtype, device=logp.device)   # <- only the model's tokens
+        loss = -(logp * mask).sum() / n_labels
+        loss.backward()
+        total += loss.item()
+    gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip).item()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return total, gnorm
+
+
+def train(args):
+    torch.manual_seed(args.seed)
+    ckpt = os.path.join(args.out, "checkpoint")
+    resume = args.resume and os.path.exists(ckpt)
+    model, processor = M.load_model(ckpt if resume else args.model)
+    if not args.unfreeze_vision:
+        freeze_vision(model)
+    if args.grad_ckpt:
+        M.set_gradient_checkpointing(model, True)
+    data = load_conversations(args.data)
+    if not data:
+        sys.exit(f"error: no usable conversations in {args.data}")
+    positions = order(len(data), args.epochs, args.seed)
+    total = math.ceil(len(positions) / args.grad_accum)   # the schedule's length; --steps may stop earlier
+    stop = min(args.steps, total)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    sched = cosine_with_warmup(opt, total, max(1, round(args.warmup * total)))
+    step = M.load_checkpoint(args.out, opt, sched) if resume else 0
+    os.makedirs(args.out, exist_ok=True)
+    skipped, model = 0, model.train()
+    for step in range(step, stop):
+        t0, window = time.time(), []
+        for p in positions[step * args.grad_accum:(step + 1) * args.grad_accum]:
+            messages, paths = data[p]
+            seq, labels = encode_conversation(processor, messages, [Image.open(x) for x in paths], args.max_pixels)
+            if len(seq.ids) > args.cutoff or sum(labels) == 0:
+                skipped += 1   # counted, never truncated
+                continue
+            window.append((seq, labels))
+        loss, gnorm = sft_step(model, opt, sched, window, args.grad_clip) if window else (float("nan"), 0.0)
+        dt = time.time() - t0
+        tokens = sum(len(s.ids) for s, _ in window)
+        metrics = dict(step=step + 1, loss=loss, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens=tokens,
+                       tokens_per_s=tokens / dt, skipped=skipped, seconds=dt)
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        done = int(30 * (step + 1) / total)
+        print(f"\r[{'#' * done}{'.' * (30 - done)}] step {step + 1}/{total} loss {loss:.4f} lr {metrics['lr']:.2e} "
+              f"{tokens / dt:.0f} tok/s skipped {skipped}", end="", flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == stop:
+            M.save_checkpoint(args.out, model, processor, opt, step + 1, sched)
+    print()
+    return model
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=M.DEFAULT_MODEL, help="model to start from: hub name or local folder")
+    ap.add_argument("--data", help="SFT conversations JSONL (see the module docstring)")
+    ap.add_argument("--out", default="runs/sft", help="checkpoint and metrics folder")
+    ap.add_argument("--epochs", type=float, default=3, help="passes over the data")
+    ap.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (cosine schedule)")
+    ap.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--grad-accum", type=int, default=4, help="samples per optimizer step (batch 1 each)")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    ap.add_argument("--cutoff", type=int, default=20480, help="skip (and count) samples longer than this many tokens")
+    ap.add_argument("--max-pixels", type=int, default=M.SFT_MAX_PIXELS, help="pixel cap per image")
+    ap.add_argument("--unfreeze-vision", action="store_true", help="also train the vision tower and projector")
+    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
+    ap.add_argument("--steps", type=int, default=10**9, help="stop after this many optimizer steps")
+    ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
+    ap.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data order")
+    ap.add_argument("--tiny", action="store_true", help="CPU preset: lr 2e-3, 2 epochs, accum 2, no checkpointing")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        for k, v in dict(lr=2e-3, epochs=2, grad_accum=2, grad_ckpt=False, save_every=50).items():
+            if getattr(args, k) == ap.get_default(k):
+                setattr(args, k, v)
+    return args
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "convert":
+        ap = argparse.ArgumentParser(description="convert the released DeepEyesV2_SFT json into our JSONL")
+        ap.add_argument("src", help="the released json (a list of sharegpt rows) or a JSONL of them")
+        ap.add_argument("--images-root", required=True, help="folder the rows' image paths are relative to")
+        ap.add_argument("--out", required=True, help="output JSONL (image paths are written relative to it)")
+        a = ap.parse_args(sys.argv[2:])
+        return convert(a.src, a.images_root, a.out)
+    args = parse_args()
+    if not args.data or not os.path.exists(args.data):
+        sys.exit(f"error: SFT data {args.data!r} not found: convert the released json with "
+                 "`python sft.py convert FILE --images-root DIR --out FILE`, or build the miniature world with "
+                 "`python data/world.py`")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
