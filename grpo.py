@@ -15,6 +15,7 @@ Commands:
   python grpo.py --model PATH --data rl.jsonl                   # the paper's settings (one 80 GB GPU: see README)
   python grpo.py --tiny --model runs/sft --data data/world/rl_train.jsonl --out runs/grpo   # the CPU preset
   python grpo.py convert DeepEyesV2_RL/*.parquet --out rl_data   # released parquet -> our JSONL (needs pyarrow)
+  python grpo.py --bench 7b --micro-batch 1                     # peak memory + time of a 7B GRPO step (GPU)
 """
 import argparse
 import json
@@ -280,7 +281,7 @@ def train(args):
     if args.grad_ckpt:
         M.set_gradient_checkpointing(model, True)
     samples = load_prompts(args.data)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = M.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step = M.load_checkpoint(args.out, opt) if resume else 0
     judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
     os.makedirs(args.out, exist_ok=True)
@@ -322,6 +323,48 @@ def train(args):
     return model
 
 
+def bench(preset, lengths, micro, device=None):
+    """Peak memory and time of one GRPO optimizer step (old log-probs + clipped loss over 2 micro-batches) on
+    synthetic trajectories of each length: half the response tokens are the model's, half observations."""
+    from PIL import Image
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = R.bench_model(preset, device)
+    M.set_gradient_checkpointing(model, True)
+    model.train()
+    opt = M.AdamW(model.parameters(), lr=1e-6)
+    args = parse_args(["--mini-batch", "1", "--group", str(2 * micro), "--micro-batch", str(micro)])
+    rows = []
+    for length in lengths:
+        t = R.start(processor, R.Sample([Image.new("RGB", (448, 448), "red")], "What is small?"))
+        n = length - len(t.seq.ids)
+        t.seq.ids += [processor.tokenizer.encode(" mark")[0]] * n
+        t.seq.mm += [0] * n
+        t.action_mask += [1, 0] * (n // 2) + [1] * (n % 2)
+        trajs = [t] * (2 * micro)
+        adv = torch.tensor([1.0, -1.0] * micro)
+        try:
+            for i in range(2):   # the first step allocates the optimizer state: time the second
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                grpo_update(model, opt, trajs, adv, args)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.startswith("cuda") else None
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            dt, peak = float("inf"), "OOM"
+        rows.append(dict(tokens=length, micro_batch=micro, trajectories=len(trajs), step_s=round(dt, 2) if peak != "OOM" else None,
+                         tokens_per_s=round(len(trajs) * length / dt) if peak != "OOM" else 0, peak_gib=peak))
+    print(f"GRPO optimizer step, {preset}, full fine-tune, grad ckpt, {device}")
+    print(f"{'tokens':>8s} {'micro':>6s} {'trajs':>6s} {'step s':>8s} {'tok/s':>8s} {'peak GiB':>9s}")
+    for r in rows:
+        print(f"{r['tokens']:8d} {r['micro_batch']:6d} {r['trajectories']:6d} {str(r['step_s']):>8s} "
+              f"{r['tokens_per_s']:8d} {str(r['peak_gib']):>9s}")
+    print(json.dumps(dict(bench="grpo", preset=preset, device=device, rows=rows)))
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=M.DEFAULT_MODEL, help="policy to start from: hub name or folder (the SFT one)")
@@ -357,6 +400,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="random seed")
     ap.add_argument("--tiny", action="store_true", help="CPU preset: group 4, 8 prompts, mini-batch 4, lr 1e-4, "
                     "short turns")
+    ap.add_argument("--bench", metavar="PRESET", choices=["test", "mini", "7b"], help="measure peak memory and time "
+                    "of one GRPO step on a random model (7b: the real architecture, GPU) and exit")
+    ap.add_argument("--bench-tokens", default="4096,16384", help="trajectory lengths for --bench, comma separated")
     args = ap.parse_args(argv)
     if args.tiny:
         for k, v in dict(group=4, prompts=8, mini_batch=4, micro_batch=16, lr=1e-4, max_turn_tokens=96,
@@ -374,6 +420,8 @@ def main():
         a = ap.parse_args(sys.argv[2:])
         return convert(a.parquets, a.out)
     args = parse_args()
+    if args.bench:
+        return bench(args.bench, [int(x) for x in args.bench_tokens.split(",")], args.micro_batch)
     if not args.data or not os.path.exists(args.data):
         sys.exit(f"error: RL data {args.data!r} not found: convert the released parquet with "
                  "`python grpo.py convert FILES --out DIR`, or build the miniature world with `python data/world.py`")

@@ -177,7 +177,10 @@ def token_logprobs(model, seqs, temperature=1.0, with_entropy=False, chunk=2048)
     def score(h, tgt):   # one chunk: logits -> log-softmax -> log-prob of the target (and the entropy)
         logp_all = F.log_softmax(model.lm_head(h).float() / temperature, dim=-1)
         logp = logp_all.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        return logp, (-(logp_all.exp() * logp_all).sum(-1) if with_entropy else logp)
+        if not with_entropy:
+            return logp, logp
+        with torch.no_grad():   # a metric only: with a graph, its recomputed [chunk, vocab] tensors would stay
+            return logp, -(logp_all.exp() * logp_all).sum(-1)   # alive to the end of backward (+1.2 GB per 1k tokens)
 
     parts = [torch.utils.checkpoint.checkpoint(score, hidden[:, s:s + chunk], targets[:, s:s + chunk],
                                                use_reentrant=False) if torch.is_grad_enabled()
@@ -194,6 +197,48 @@ def set_gradient_checkpointing(model, on=True):
         model.config.use_cache = False
     else:
         model.gradient_checkpointing_disable()
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW whose updates survive bf16 weights: each step is computed in float32 and written back with stochastic
+    rounding (on float32 weights it is plain AdamW). Why: at lr 1e-5 an Adam step moves a weight by ~1e-5, while half
+    a bf16 ulp of a typical 7B weight (0.02) is 6e-5, so round-to-nearest drops most updates and torch's AdamW on
+    bf16 weights barely trains. fp32 master weights fix that too, but their 4 bytes per parameter (30 GB for the 7B
+    language model) do not fit on one 80 GB GPU next to the moments; stochastic rounding costs no memory and is
+    unbiased. The moments are kept in the weights' dtype, rounded the same way."""
+    CHUNK = 2**24   # elements per slice: the 7B's 545M-entry embedding would need ~15 GB of float32 temporaries
+
+    def __init__(self, params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @staticmethod
+    def _write(dst, src):
+        if dst.dtype == torch.bfloat16:   # add uniform noise below the 16 bits bf16 drops, then drop them
+            bits = src.view(torch.int32) + torch.randint_like(src, 0, 1 << 16, dtype=torch.int32)
+            src = (bits & -65536).view(torch.float32)
+        dst.copy_(src)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t = state["step"]
+                for i in range(0, p.numel(), self.CHUNK):   # float32 temporaries of one slice at a time
+                    view = lambda x: x.view(-1)[i:i + self.CHUNK]
+                    g = view(p.grad).float()
+                    m = view(state["exp_avg"]).float().lerp_(g, 1 - b1)
+                    v = view(state["exp_avg_sq"]).float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                    denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+                    new = view(p).float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+                    for dst, src in ((p, new), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
+                        self._write(view(dst), src)
 
 
 # ----------------------------------------------------------------------------------------------------- loading

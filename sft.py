@@ -26,6 +26,7 @@ Commands:
   python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data sft.jsonl --out runs/sft    # the paper's settings
   python sft.py --tiny --model runs/tiny --data data/world/sft.jsonl --out runs/sft    # the CPU preset
   python sft.py convert DeepEyesV2_SFT.json --images-root DIR --out data/sft.jsonl     # released json -> ours
+  python sft.py --bench 7b                    # peak memory and tokens/s of 7B SFT steps (random weights, GPU)
 """
 import argparse
 import json
@@ -200,7 +201,7 @@ def train(args):
     positions = order(len(data), args.epochs, args.seed)
     total = math.ceil(len(positions) / args.grad_accum)   # the schedule's length; --steps may stop earlier
     stop = min(args.steps, total)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     sched = cosine_with_warmup(opt, total, max(1, round(args.warmup * total)))
     step = M.load_checkpoint(args.out, opt, sched) if resume else 0
@@ -231,6 +232,45 @@ def train(args):
     return model
 
 
+def bench(preset, lengths, device=None):
+    """Peak memory and tokens/s of optimizer steps (accum x batch-1 samples of `length` tokens with one image),
+    with this file's settings: vision frozen, gradient checkpointing, stochastic-rounding AdamW."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = R.bench_model(preset, device)
+    freeze_vision(model)
+    M.set_gradient_checkpointing(model, True)
+    model.train()
+    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    sched = cosine_with_warmup(opt, 100, 10)
+    rows = []
+    for length in lengths:
+        msgs = [{"role": "user", "content": "<image>Describe it."},
+                {"role": "assistant", "content": "<think>" + " the red mark is small" * (length // 5) + "</think>"}]
+        seq, labels = encode_conversation(processor, msgs, [Image.new("RGB", (448, 448), "red")])
+        seq.ids, seq.mm, labels = seq.ids[:length], seq.mm[:length], labels[:length]
+        try:
+            for i in range(2):   # the first step allocates the optimizer state: time the second
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                sft_step(model, opt, sched, [(seq, labels)] * 4, 1.0)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.startswith("cuda") else None
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            dt, peak = float("inf"), "OOM"
+        rows.append(dict(tokens=len(seq.ids), step_s=round(dt, 2) if peak != "OOM" else None, tokens_per_s=round(4 * len(seq.ids) / dt) if peak != "OOM" else 0,
+                         peak_gib=peak))
+    n = sum(p.numel() for p in model.parameters()) / 1e9
+    print(f"SFT step, {preset} ({n:.2f}B params, vision frozen, grad ckpt, batch 1 x accum 4), {device}")
+    print(f"{'tokens':>8s} {'step s':>8s} {'tok/s':>8s} {'peak GiB':>9s}")
+    for r in rows:
+        print(f"{r['tokens']:8d} {str(r['step_s']):>8s} {r['tokens_per_s']:8d} {str(r['peak_gib']):>9s}")
+    print(json.dumps(dict(bench="sft", preset=preset, device=device, rows=rows)))
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=M.DEFAULT_MODEL, help="model to start from: hub name or local folder")
@@ -251,6 +291,9 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data order")
     ap.add_argument("--tiny", action="store_true", help="CPU preset: lr 2e-3, 2 epochs, accum 2, no checkpointing")
+    ap.add_argument("--bench", metavar="PRESET", choices=["test", "mini", "7b"], help="measure peak memory and "
+                    "tokens/s of SFT steps on a random model (7b: the real architecture, GPU) and exit")
+    ap.add_argument("--bench-tokens", default="4096,20480", help="sample lengths for --bench, comma separated")
     args = ap.parse_args(argv)
     if args.tiny:
         for k, v in dict(lr=2e-3, epochs=2, grad_accum=2, grad_ckpt=False, save_every=50).items():
@@ -268,6 +311,8 @@ def main():
         a = ap.parse_args(sys.argv[2:])
         return convert(a.src, a.images_root, a.out)
     args = parse_args()
+    if args.bench:
+        return bench(args.bench, [int(x) for x in args.bench_tokens.split(",")])
     if not args.data or not os.path.exists(args.data):
         sys.exit(f"error: SFT data {args.data!r} not found: convert the released json with "
                  "`python sft.py convert FILE --images-root DIR --out FILE`, or build the miniature world with "
