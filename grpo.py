@@ -281,6 +281,7 @@ def train(args):
     if args.grad_ckpt:
         M.set_gradient_checkpointing(model, True)
     samples = load_prompts(args.data)
+    __import__("random").Random(args.seed).shuffle(samples)   # a batch mixes sources, the same order on a resume
     opt = M.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step = M.load_checkpoint(args.out, opt) if resume else 0
     judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
@@ -293,7 +294,7 @@ def train(args):
         trajs = R.rollout(model, processor, prompts, n=args.group, temperature=args.temperature,
                           top_p=args.top_p, max_turns=args.max_turns, search_url=args.search_url,
                           max_response_tokens=args.max_response_tokens, max_turn_tokens=args.max_turn_tokens,
-                          max_pixels=args.max_pixels)
+                          max_pixels=args.max_pixels, system_prompt=R.load_system_prompt(args.system_prompt))
         t1 = time.time()
         score_all(trajs, judge)
         adv = group_advantages([t.reward["score"] for t in trajs], args.group)   # <- the advantage
@@ -391,6 +392,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-response-tokens", type=int, default=16384, help="response budget, observations included")
     ap.add_argument("--max-pixels", type=int, default=M.RL_MAX_PIXELS, help="pixel cap of input images")
     ap.add_argument("--search-url", default=None, help="search backend (default $DEEPEYES_SEARCH_URL or local)")
+    ap.add_argument("--system-prompt", help="file with a system prompt to use instead of rollout.SYSTEM_PROMPT")
     ap.add_argument("--judge-url", default=os.environ.get("JUDGE_URL"), help="OpenAI-compatible judge base URL "
                     "(default $JUDGE_URL; none: the rule judge only)")
     ap.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", "Qwen2.5-72B-Instruct"), help="judge model")
@@ -398,14 +400,14 @@ def parse_args(argv=None):
     ap.add_argument("--save-every", type=int, default=10, help="checkpoint every N rollout batches")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     ap.add_argument("--seed", type=int, default=0, help="random seed")
-    ap.add_argument("--tiny", action="store_true", help="CPU preset: group 4, 8 prompts, mini-batch 4, lr 1e-4, "
+    ap.add_argument("--tiny", action="store_true", help="CPU preset: group 4, 8 prompts, mini-batch 4, lr 2e-5, "
                     "short turns")
     ap.add_argument("--bench", metavar="PRESET", choices=["test", "mini", "7b"], help="measure peak memory and time "
                     "of one GRPO step on a random model (7b: the real architecture, GPU) and exit")
     ap.add_argument("--bench-tokens", default="4096,16384", help="trajectory lengths for --bench, comma separated")
     args = ap.parse_args(argv)
     if args.tiny:
-        for k, v in dict(group=4, prompts=8, mini_batch=4, micro_batch=16, lr=1e-4, max_turn_tokens=96,
+        for k, v in dict(group=4, prompts=8, mini_batch=4, micro_batch=16, lr=2e-5, max_turn_tokens=96,
                          max_response_tokens=1024, max_turns=4, grad_ckpt=False, save_every=5).items():
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, v)

@@ -292,16 +292,19 @@ def load_checkpoint(out, optimizer, scheduler=None):
     return trainer["step"]
 
 
-def _train_tokenizer(vocab_size, corpus):
+def _train_tokenizer(vocab_size, corpus, words=()):
     """Byte-level BPE trained on the project's own text, with Qwen's special tokens and the protocol tags."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # digits one by one, as Qwen2's own pre-tokenizer does (it also makes numbers easy to copy for a tiny model)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_tokens(TAG_TOKENS)
+    tok.add_tokens([AddedToken(w, single_word=True) for w in words])   # whole words kept as one token
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE, model_max_length=32768)
 
@@ -318,10 +321,11 @@ def project_text():
     return texts
 
 
-def build_tiny(path, preset="test", seed=0, corpus=None):
-    """A Qwen2.5-VL in miniature with random weights: real patch/merge sizes and M-RoPE, saved like the hub repo."""
+def build_tiny(path, preset="test", seed=0, corpus=None, words=()):
+    """A Qwen2.5-VL in miniature with random weights: real patch/merge sizes and M-RoPE, saved like the hub repo.
+    `words` become single tokens (the miniature world's names, as a real tokenizer has common names as tokens)."""
     p = TINY_PRESETS[preset]
-    tokenizer = _train_tokenizer(p["vocab"], corpus or project_text())
+    tokenizer = _train_tokenizer(p["vocab"], corpus or project_text(), words)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = p["hidden"] // p["heads"]
     half = head_dim // 2   # mrope_section must sum to head_dim / 2

@@ -55,6 +55,10 @@ do not write infinite loops.
 Plan before each call and check its result after. When you are sure, give the final answer inside <answer> </answer>."""
 USER_SUFFIX = ("\nThink inside <think> </think>, act with <code> </code> or <tool_call> </tool_call> when needed, "
                "and put the final answer inside <answer> </answer>.")
+NO_TOOLS_PROMPT = ("You are a capable visual assistant. Reason step by step inside <think> </think>, then give the "
+                   "final answer inside <answer> </answer>.")
+NO_TOOLS_SUFFIX = "\nThink inside <think> </think> and put the final answer inside <answer> </answer>."
+TOOLS_OFF = "Error: tools are disabled in this run; answer from what you already know and see."
 OBS_PREFIX = "<|im_end|>\n<|im_start|>user\n"              # closes the model's turn, opens a user turn
 OBS_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>"   # ... and pre-fills the next turn's <think>
 STOP_STRINGS = ("</code>", "</tool_call>")
@@ -108,13 +112,13 @@ def load_system_prompt(path=None):
         return f.read()
 
 
-def prompt_messages(sample, system_prompt=SYSTEM_PROMPT):
-    user = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.question + USER_SUFFIX}]
+def prompt_messages(sample, system_prompt=SYSTEM_PROMPT, user_suffix=USER_SUFFIX):
+    user = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.question + user_suffix}]
     return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
 
 
-def start(processor, sample, system_prompt=SYSTEM_PROMPT, max_pixels=None):
-    text = processor.apply_chat_template(prompt_messages(sample, system_prompt), tokenize=False,
+def start(processor, sample, system_prompt=SYSTEM_PROMPT, max_pixels=None, user_suffix=USER_SUFFIX):
+    text = processor.apply_chat_template(prompt_messages(sample, system_prompt, user_suffix), tokenize=False,
                                          add_generation_prompt=True)
     kw = {"max_pixels": max_pixels} if max_pixels else {}
     seq = encode(processor, text, sample.images, **kw)
@@ -122,22 +126,44 @@ def start(processor, sample, system_prompt=SYSTEM_PROMPT, max_pixels=None):
 
 
 # ------------------------------------------------------------------------------------------- one forward
-def forward_pending(model, traj):
-    """Prefill the tokens not yet in this trajectory's cache (batch of one, exact); return the last logits."""
+def prefill(model, trajs, max_batch_tokens=16384):
+    """Prefill the tokens not yet in each trajectory's cache, several trajectories per forward; -> last logits.
+
+    A row of a batch is [pad | its cache | pad | its new tokens]: caches are left-padded (stack_caches) and the new
+    tokens too, so every row's last token is at the last position. The pads are masked out and stripped again
+    from the cache kept for the trajectory. Trajectories are grouped by pending length to waste little on pads."""
     dev = next(model.parameters()).device
-    new = slice(traj.cached, len(traj.seq.ids))
-    pos = rope_positions(model, traj.seq, dev)[:, new].unsqueeze(1)
-    ids = torch.tensor([traj.seq.ids[new]], device=dev)
-    kw = {}
-    if len(traj.seq.pixels) > traj.cached_images:   # images whose pads are in the new tokens
-        kw["pixel_values"] = torch.cat(traj.seq.pixels[traj.cached_images:]).to(dev, model.dtype)
-        kw["image_grid_thw"] = torch.tensor(traj.seq.grids[traj.cached_images:], device=dev)
-    cache = DynamicCache(ddp_cache_data=traj.cache) if traj.cache else DynamicCache()
-    out = model(input_ids=ids, position_ids=pos, **{CACHE_KW: cache}, use_cache=True,
-                attention_mask=torch.ones(1, len(traj.seq.ids), dtype=torch.long, device=dev), **kw)
-    traj.cache = [(layer.keys, layer.values) for layer in cache.layers]
-    traj.cached, traj.cached_images = len(traj.seq.ids), len(traj.seq.pixels)
-    return out.logits[0, -1]
+    pad = model.config.text_config.pad_token_id or 0
+    logits = [None] * len(trajs)
+    order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].seq.ids) - trajs[i].cached)
+    while order:
+        group = [order.pop(0)]
+        while order and (len(group) + 1) * (len(trajs[order[0]].seq.ids) - trajs[order[0]].cached) <= max_batch_tokens:
+            group.append(order.pop(0))
+        ts = [trajs[i] for i in group]
+        P = max(len(t.seq.ids) - t.cached for t in ts)
+        cache, mask = stack_caches(ts) if ts[0].cache else (DynamicCache(), torch.zeros(len(ts), 0, dtype=torch.long))
+        ids = torch.full((len(ts), P), pad, dtype=torch.long)
+        pos = torch.zeros(3, len(ts), P, dtype=torch.long)
+        new = torch.zeros(len(ts), P, dtype=torch.long)
+        for b, t in enumerate(ts):
+            n = len(t.seq.ids) - t.cached
+            ids[b, P - n:] = torch.tensor(t.seq.ids[t.cached:])
+            pos[:, b, P - n:] = rope_positions(model, t.seq)[:, t.cached:]
+            new[b, P - n:] = 1
+        kw = {}
+        if any(len(t.seq.pixels) > t.cached_images for t in ts):   # images whose pads are in the new tokens
+            kw["pixel_values"] = torch.cat([p for t in ts for p in t.seq.pixels[t.cached_images:]]).to(dev, model.dtype)
+            kw["image_grid_thw"] = torch.tensor([g for t in ts for g in t.seq.grids[t.cached_images:]], device=dev)
+        mask = torch.cat([mask.to(dev), new.to(dev)], 1)
+        out = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask, **{CACHE_KW: cache},
+                    use_cache=True, logits_to_keep=1, **kw)
+        for b, (i, t) in enumerate(zip(group, ts)):
+            keep = mask[b].bool()
+            t.cache = [(layer.keys[b:b + 1, :, keep], layer.values[b:b + 1, :, keep]) for layer in cache.layers]
+            t.cached, t.cached_images = len(t.seq.ids), len(t.seq.pixels)
+            logits[i] = out.logits[b, -1]
+    return torch.stack(logits)
 
 
 class GrowingLayer(DynamicLayer):
@@ -205,11 +231,23 @@ def sample_token(logits, temperature, top_p, banned, forced=None):
 
 
 # ------------------------------------------------------------------------------------------- one round
+_CLOSES = {}
+
+
+def closing_tokens(tok):
+    """Ids of tokens containing ">": only they can complete a stop string, so only they make us decode the tail
+    (decoding every row's tail at every step cost more host time than the 7B's decode step itself)."""
+    if id(tok) not in _CLOSES:
+        _CLOSES[id(tok)] = {i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if ">" in t}
+    return _CLOSES[id(tok)]
+
+
 def decode_turns(model, tok, trajs, first_logits, cfg):
     """Decode one turn for every trajectory in one batch; rows leave the batch when their turn ends."""
     dev = first_logits.device
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     banned = [tok.convert_tokens_to_ids(t) for t in BANNED]
+    closes = closing_tokens(tok)
     cache, mask = stack_caches(trajs)
     rows = list(range(len(trajs)))                  # row r of the batch is trajs[rows[r]]
     pos = torch.tensor([rope_positions(model, t.seq)[:, -1].max().item() + 1 for t in trajs], device=dev)
@@ -224,9 +262,9 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
             t = trajs[i]
             t.seq.ids.append(token[r]); t.seq.mm.append(0)
             t.action_mask.append(1); t.logprobs.append(logp[r]); t.turn_ids.append(token[r])
-            tail = tok.decode(t.turn_ids[-8:])
+            stop = token[r] in closes and any(s in tok.decode(t.turn_ids[-8:]) for s in STOP_STRINGS)
             over = len(t.seq.ids) - t.prompt_len >= cfg["max_response_tokens"]
-            if token[r] == eos or any(s in tail for s in STOP_STRINGS) or over or \
+            if token[r] == eos or stop or over or \
                     len(t.turn_ids) >= cfg["max_turn_tokens"]:
                 # this row's cache, padding stripped (its last sampled token is not in it yet: pending)
                 t.cache = [(l.keys[r:r + 1, :, -t.cached:], l.values[r:r + 1, :, -t.cached:]) for l in cache.layers]
@@ -242,7 +280,7 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
             break
         mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], 1)
         out = model(input_ids=torch.tensor(token, device=dev)[:, None], attention_mask=mask, **{CACHE_KW: cache},
-                    position_ids=pos.view(1, -1, 1).expand(3, -1, -1), use_cache=True)
+                    position_ids=pos.view(1, -1, 1).expand(3, -1, -1), use_cache=True, logits_to_keep=1)
         for r, i in enumerate(rows):
             trajs[i].cached += 1
         pos = pos + 1
@@ -252,6 +290,8 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
 def run_tool(traj, action, sandbox, cfg):
     """-> (observation text, images). Tool errors are observations; backend failures are counted too."""
     traj.calls[action.kind] += 1
+    if not cfg["tools_on"]:   # a no-tools run: the call is refused, and the model may still answer
+        return TOOLS_OFF, []
     try:
         if action.kind == "code":
             result = sandbox().run(action.arg)
@@ -275,7 +315,8 @@ def append_observation(processor, traj, text, images, cfg):
         images = images[:max(room, 0)]
         text = text.replace(IMAGE_PLACEHOLDER, "", text.count(IMAGE_PLACEHOLDER) - len(images))
         text += f"\n[some images were dropped: at most {cfg['max_images']} per trajectory]"
-    obs = encode(processor, OBS_PREFIX + text + OBS_SUFFIX, images)
+    obs = encode(processor, OBS_PREFIX + text + OBS_SUFFIX, images,   # the same pixel cap as the inputs
+                 **({"max_pixels": cfg["max_pixels"]} if cfg["max_pixels"] else {}))
     if len(traj.seq.ids) + len(obs.ids) - traj.prompt_len > cfg["max_response_tokens"]:
         traj.finish = "budget"
         return
@@ -300,7 +341,8 @@ def timer(phase):
 
 DEFAULTS = dict(temperature=1.0, top_p=1.0, max_turns=9, max_turn_tokens=8192, max_response_tokens=16384,
                 max_prompt_tokens=8192, max_images=50, use_cache=True, tools_on=True, search_url=None,
-                on_infra_error="observe", sandbox_timeout=20, system_prompt=SYSTEM_PROMPT, max_pixels=None)
+                on_infra_error="observe", sandbox_timeout=20, system_prompt=SYSTEM_PROMPT, user_suffix=USER_SUFFIX,
+                max_pixels=None)
 
 
 @torch.no_grad()
@@ -308,7 +350,8 @@ def rollout(model, processor, samples, n=1, script=None, **overrides):
     """Run n trajectories per sample to the end. `script(traj, turn) -> text` forces a scripted policy's turns."""
     cfg = dict(DEFAULTS, **overrides)
     tok = processor.tokenizer
-    trajs = [start(processor, s, cfg["system_prompt"], cfg["max_pixels"]) for s in samples for _ in range(n)]
+    trajs = [start(processor, s, cfg["system_prompt"], cfg["max_pixels"], cfg["user_suffix"])
+             for s in samples for _ in range(n)]
     boxes = {}
 
     def sandbox_of(t):   # one sandbox per trajectory, started on its first code call
@@ -329,7 +372,7 @@ def rollout(model, processor, samples, n=1, script=None, **overrides):
                 if not cfg["use_cache"]:
                     t.cache, t.cached, t.cached_images = None, 0, 0
             with timer("prefill"):
-                first = torch.stack([forward_pending(model, t) for t in active])
+                first = prefill(model, active)
             with timer("decode"):
                 decode_turns(model, tok, active, first, cfg)
             jobs = {}
@@ -345,8 +388,6 @@ def rollout(model, processor, samples, n=1, script=None, **overrides):
                     t.finish = "answer" if action.kind == "answer" else "no_action"
                 elif t.turns >= cfg["max_turns"]:
                     t.finish = "max_turns"
-                elif not cfg["tools_on"]:
-                    t.finish = "no_action"
                 else:
                     jobs[id(t)] = pool.submit(run_tool, t, action, lambda t=t: sandbox_of(t), cfg)
             for t in active:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import eval as E
 import model as M
 import sft as S
 import tools as T
@@ -552,3 +553,126 @@ def test_adamw_equals_torch_on_float32_and_keeps_small_bf16_updates():
         moved.append(1 - p.float().mean().item())
     assert moved[0] == pytest.approx(0.01, rel=0.1)   # stochastic rounding: unbiased
     assert moved[1] < 0.002                            # round-to-nearest loses most of it
+
+
+# ================================================================================================ eval.py
+MATHVISION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "benchdata",
+                          "mathvision_testmini", "testmini.jsonl")
+TINY_EVAL = dict(max_turns=2, max_turn_tokens=32, max_pixels=56 * 56 * 4)
+
+
+def answering(text_of):
+    """A scripted policy that answers at once with text_of(traj)."""
+    return lambda traj, turn: f"<think>so</think><answer>{text_of(traj)}</answer><|im_end|>"
+
+
+@pytest.mark.parametrize("pred,item,expected", [
+    ("(B) a cat", dict(answers=["B"], options=["a dog", "a cat"]), 1.0),
+    ("a cat", dict(answers=["B"], options=["a dog", "a cat"]), 1.0),          # option text counts as its letter
+    ("A", dict(answers=["B"], options=["a dog", "a cat"]), 0.0),
+    ("paris", dict(answers=["Lyon", "Paris"]), 1.0),                            # RealX " or " alternatives
+    ("104", dict(answers=["100"], tolerance=0.05), 1.0),                        # ChartQA: within 5 %
+    ("106", dict(answers=["100"], tolerance=0.05), 0.0),
+    ("100.5", dict(answers=["100"]), 0.0),                                      # default: exact numbers
+    (None, dict(answers=["1"]), 0.0),
+])
+def test_eval_scorer_table(pred, item, expected):
+    assert E.score(pred, E.Item("x", "q", images=[], **item)) == expected
+
+
+def test_eval_scorer_asks_the_judge_only_when_rules_fail_and_never_scores_its_outage():
+    calls = []
+    judge = lambda q, pred, gold: calls.append(pred) or 1.0
+    item = E.Item("x", "q", ["1889"], [])
+    assert E.score("1889", item, judge) == 1.0 and calls == []
+    assert E.score("eighteen eighty-nine", item, judge) == 1.0 and calls == ["eighteen eighty-nine"]
+
+    def down(*a):
+        raise __import__("grpo").JudgeError("unreachable")
+    assert E.score("eighteen eighty-nine", item, down) is None
+
+
+def test_eval_table_per_skill_flag_and_integration(capsys):
+    row = lambda ok, flags, calls, infra=False: dict(correct=ok, groups=flags, calls=calls, turns=2, infra_error=infra)
+    rows = [row(1.0, ["perception", "search", "reason", "integration"], {"code": 1, "search": 2}),
+            row(0.0, ["perception"], {"code": 1}), row(1.0, ["search"], {"search": 1}),
+            row(0.0, ["reason"], {}), row(0.0, ["search"], {"search": 1}, infra=True)]
+    s = E.summarize(rows, "RealX")
+    assert s["scored"] == 4 and s["infra_errors"] == 1 and s["accuracy"] == 50.0
+    assert s["groups"]["integration"] == dict(n=1, accuracy=100.0) and s["groups"]["search"]["accuracy"] == 100.0
+    assert s["groups"]["perception"]["accuracy"] == 50.0 and s["tool_rate"] == {"code": 50.0, "search": 50.0}
+    assert s["tool_calls_per_item"] == 1.25
+    assert "1 with infrastructure errors" in capsys.readouterr().out
+
+
+def test_eval_resumes_after_a_crash_without_redoing_items(tiny, tmp_path):
+    model, processor, _ = tiny
+    items = E.load_mathvision(MATHVISION)[:6]
+    seen = []
+
+    def crash_on_fourth(traj, turn):
+        seen.append(traj.sample.id)
+        if traj.sample.id == items[3].id:
+            raise KeyboardInterrupt   # Ctrl-C in the second batch
+        return answering(lambda t: t.sample.answer)(traj, turn)
+    with pytest.raises(KeyboardInterrupt):
+        E.evaluate(model, processor, items, str(tmp_path), batch=3, script=crash_on_fourth, **TINY_EVAL)
+    assert len(open(tmp_path / "predictions.jsonl").readlines()) == 3      # the first batch is on disk
+    seen.clear()
+    gold = answering(lambda t: t.sample.answer)
+    rows = E.evaluate(model, processor, items, str(tmp_path), batch=3,
+                      script=lambda traj, turn: seen.append(traj.sample.id) or gold(traj, turn), **TINY_EVAL)
+    assert set(seen) == {it.id for it in items[3:]}                        # the rerun skips what is done
+    assert [r["id"] for r in rows] == [it.id for it in items] and all(r["correct"] == 1.0 for r in rows)
+    assert len(open(tmp_path / "predictions.jsonl").readlines()) == 6      # nothing written twice
+
+
+def test_eval_reports_malformed_benchmark_lines_and_skips_them(tmp_path, capsys):
+    lines = open(MATHVISION).read().splitlines()[:5]
+    lines.insert(2, "{broken")
+    path = tmp_path / "testmini.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    os.symlink(os.path.join(os.path.dirname(MATHVISION), "images"), tmp_path / "images")
+    assert len(E.load_mathvision(str(path))) == 5
+    assert "testmini.jsonl:3: skipped" in capsys.readouterr().err
+
+
+def test_eval_on_real_mathvision_testmini_end_to_end(tiny, tmp_path):
+    model, processor, _ = tiny
+    items = E.load("mathvision", MATHVISION)
+    assert len(items) == 304 and all(os.path.exists(it.images[0]) for it in items)
+    right = E.evaluate(model, processor, items, str(tmp_path / "gold"), batch=64,
+                       script=answering(lambda t: t.sample.answer), **TINY_EVAL)
+    assert E.summarize(right, "gold")["accuracy"] == 100.0
+    wrong = E.evaluate(model, processor, items, str(tmp_path / "A"), batch=64, script=answering(lambda t: "A"),
+                       **TINY_EVAL)
+    expected = sum(it.answers[0] == "A" for it in items)
+    assert 0 < expected < 304 and sum(r["correct"] for r in wrong) == expected
+    protocol_free = json.loads(open(tmp_path / "A" / "predictions.jsonl").readline())
+    assert protocol_free["images"] == [items[0].image_paths[0]] and "<image>" in protocol_free["trajectory"]
+
+
+# ================================================================================================ the miniature
+def test_miniature_world_is_seeded_and_its_expert_is_right(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    import world
+    a, b = world.build(str(tmp_path / "a"), 3, 4, 2, 2), world.build(str(tmp_path / "b"), 3, 4, 2, 2)
+    for name in ("sft_items.jsonl", "heldout.jsonl", "corpus.jsonl", "sft.jsonl"):
+        assert open(os.path.join(a, name)).read() == open(os.path.join(b, name)).read().replace(b, a), name
+    held = [json.loads(line) for line in open(os.path.join(a, "heldout.jsonl"))]
+    trained = {json.loads(line)["question"] for line in open(os.path.join(a, "sft_items.jsonl"))}
+    assert {h["category"] for h in held} == set(world.CATEGORIES)
+    assert not {h["question"] for h in held if h["category"] == "search"} & trained   # new towns only
+    convs = [json.loads(line) for line in open(os.path.join(a, "sft.jsonl"))]
+    assert len(convs) == 16 and all(c["messages"][-1]["content"].endswith("</answer>") for c in convs)
+
+
+def test_miniature_pipeline_trained_model_beats_untrained(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    import world
+    res = world.pipeline(str(tmp_path / "world"), str(tmp_path / "runs"), n_sft=64, n_rl=4, n_heldout=6,
+                         rl_steps=1)   # the quick start, shortened: 256 SFT conversations once, one GRPO batch
+    assert res["untrained"]["tool_calls_per_item"] < res["SFT"]["tool_calls_per_item"]
+    assert res["SFT+GRPO"]["accuracy"] > res["untrained"]["accuracy"]

@@ -1,0 +1,308 @@
+"""eval.py -- benchmarks through the same agent loop as RL, run greedily, scored by rules first and then a judge.
+
+  python eval.py --bench realx --model PATH_OR_HUB_NAME [--data FILE]     # RealX-Bench (public 194), the headline
+  python eval.py --bench mathvision --data ../shared/benchdata/mathvision_testmini/testmini.jsonl --limit 20
+  python eval.py --bench toy --model runs/grpo/checkpoint                  # the miniature world's held-out split
+  python eval.py --bench realx --no-tools ...                              # the paper's base-model-without-tools column
+
+Benchmarks (SPEC section 8): realx (parquet or JSONL: query, answer with " or " alternatives, perception / search /
+reason flags, image), mathvision (JSONL), vstar and hrbench (VLMEvalKit TSV, base64 images, option letters),
+mathvista and chartqa (JSONL; numbers within 5%), toy (data/world/heldout.jsonl).
+
+Output folder: predictions.jsonl (one line per finished item, appended as it finishes: prediction, verdict, the
+whole trajectory text with images as "<image>" and the input images by path), protocol.json (prompt, temperature,
+limits, judge, model: what reproduces a number). A rerun skips finished items, so a crash or Ctrl-C loses at most
+the batch in flight; items that hit an infrastructure error (tool backend or judge down) are retried on a rerun and,
+until then, are shown apart, never scored as wrong.
+"""
+import argparse
+import base64
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+import grpo as G
+import model as M
+import rollout as R
+
+WHERE = {   # where each benchmark is published, and where --data looks by default
+    "realx": ("hub dataset glowol/RealXBench (parquet)", "benchmarks/realx/realx.parquet"),
+    "mathvision": ("hub dataset MathLLMs/MathVision (testmini jsonl + images)", "benchmarks/mathvision/testmini.jsonl"),
+    "vstar": ("VLMEvalKit's VStarBench.tsv", "benchmarks/vstar/VStarBench.tsv"),
+    "hrbench": ("VLMEvalKit's HRBench4K.tsv / HRBench8K.tsv", "benchmarks/hrbench/HRBench4K.tsv"),
+    "mathvista": ("hub dataset AI4Math/MathVista (testmini as jsonl + images)", "benchmarks/mathvista/testmini.jsonl"),
+    "chartqa": ("hub dataset HuggingFaceM4/ChartQA (test as jsonl + images)", "benchmarks/chartqa/test.jsonl"),
+    "toy": ("`python data/world.py` (the miniature world)", "data/world/heldout.jsonl"),
+}
+LETTERS = "ABCDEFGH"
+
+
+@dataclass
+class Item:
+    id: str
+    question: str            # as the model sees it (options included)
+    answers: list            # accepted answers (alternatives), or [letter] for multiple choice
+    images: list             # paths or raw bytes, opened batch by batch
+    groups: list = field(default_factory=list)   # skill flags / categories for the per-group table
+    options: list = field(default_factory=list)  # option texts of multiple choice (A, B, ...)
+    tolerance: float = 1e-4  # relative numeric tolerance
+    data_source: str = "reason"
+    image_paths: list = field(default_factory=list)   # how the record names the images
+
+
+# ================================================================================================ loaders
+def jsonl_rows(path):
+    """(line number, row) of a JSONL file; malformed lines are reported with their number and skipped."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except ValueError as e:
+                    print(f"{path}:{n}: skipped (not JSON: {e})", file=sys.stderr)
+
+
+def with_options(question, options):
+    if not options or options == list(LETTERS[:len(options)]):   # letters only: the choices are in the image
+        return question
+    return question + "\nOptions:\n" + "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+
+
+def load_realx(path):
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            sys.exit("error: reading parquet needs pyarrow (pip install pyarrow), or give --data as JSONL")
+        rows = [(i + 1, r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    else:
+        rows = list(jsonl_rows(path))
+    root, items = os.path.dirname(os.path.abspath(path)), []
+    for n, r in rows:
+        flags = [f for f in ("perception", "search", "reason") if int(r.get(f) or 0)]
+        img = r["image"]["bytes"] if isinstance(r.get("image"), dict) else os.path.join(root, r["image"])
+        items.append(Item(str(r.get("id", n)), r["query"], [a.strip() for a in str(r["answer"]).split(" or ")],
+                          [img], flags + (["integration"] if len(flags) == 3 else []),
+                          data_source="search" if "search" in flags else "reason",
+                          image_paths=[r["image"] if isinstance(r["image"], str) else f"{path}#{n}"]))
+    return items
+
+
+def load_mathvision(path):
+    root = os.path.dirname(os.path.abspath(path))
+    out = []
+    for n, r in jsonl_rows(path):
+        q = re.sub(r"<image\d+>", "", r["question"]).strip()
+        out.append(Item(str(r["id"]), with_options(q, r.get("options") or []), [str(r["answer"])],
+                        [os.path.join(root, r["image"])], [r.get("subject", "all")], r.get("options") or [],
+                        image_paths=[r["image"]]))
+    return out
+
+
+def load_tsv(path):
+    """VLMEvalKit TSV (V*, HRBench): index, image (base64), question, A..E, answer letter, category."""
+    csv.field_size_limit(1 << 30)
+    out = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for n, r in enumerate(csv.DictReader(f, delimiter="\t"), 2):
+            try:
+                options = [r[c] for c in LETTERS if r.get(c) not in (None, "", "nan")]
+                out.append(Item(str(r["index"]), with_options(r["question"], options), [r["answer"].strip()],
+                                [base64.b64decode(r["image"])], [r.get("category") or "all"], options,
+                                image_paths=[f"{os.path.basename(path)}#{r['index']}"]))
+            except (KeyError, ValueError, AttributeError) as e:
+                print(f"{path}:{n}: skipped ({e})", file=sys.stderr)
+    return out
+
+
+def load_qa(path, tolerance):
+    """MathVista / ChartQA as JSONL: question, answer, optional choices, image path."""
+    root, out = os.path.dirname(os.path.abspath(path)), []
+    for n, r in jsonl_rows(path):
+        choices = r.get("choices") or []
+        answer = str(r["answer"])
+        if choices and answer in choices:   # the gold as a letter, so "B" and the option text both score
+            answer = LETTERS[choices.index(answer)]
+        out.append(Item(str(r.get("id", r.get("pid", n))), with_options(r["question"], choices), [answer],
+                        [os.path.join(root, r["image"])], [r.get("answer_type") or r.get("type") or "all"], choices,
+                        tolerance, image_paths=[r["image"]]))
+    return out
+
+
+def load_toy(path):
+    root = os.path.dirname(os.path.abspath(path))
+    return [Item(r["id"], r["question"], [r["answer"]], [os.path.join(root, p) for p in r["images"]], [r["category"]],
+                 data_source=r["data_source"], image_paths=r["images"]) for _, r in jsonl_rows(path)]
+
+
+LOADERS = {"realx": load_realx, "mathvision": load_mathvision, "vstar": load_tsv, "hrbench": load_tsv,
+           "mathvista": lambda p: load_qa(p, 0.05), "chartqa": lambda p: load_qa(p, 0.05), "toy": load_toy}
+
+
+def load(bench, path):
+    if not os.path.exists(path):
+        sys.exit(f"error: {bench} data not found at {path}. Get it from {WHERE[bench][0]} on a machine with hub "
+                 f"access and put it there, or pass --data FILE.")
+    return LOADERS[bench](path)
+
+
+# ================================================================================================ scoring
+def score(pred, item, judge=None):
+    """-> 1.0 / 0.0, or None when the judge was unreachable (an infrastructure error, not a wrong answer)."""
+    if pred is None or not str(pred).strip():
+        return 0.0
+    if item.options or re.fullmatch(r"[A-H]", item.answers[0]):   # multiple choice: by letter or by option text
+        texts = [G.normalize(o) for o in item.options]   # option text first: "a cat" is not option "A"
+        letter = LETTERS[texts.index(G.normalize(pred))] if G.normalize(pred) in texts else G.choice_letter(pred)
+        return float(letter == item.answers[0])
+    if any(G.rule_judge(pred, gold, item.tolerance) for gold in item.answers):
+        return 1.0
+    if judge is None:
+        return 0.0
+    try:
+        return judge(item.question, pred, " or ".join(item.answers))
+    except G.JudgeError:
+        return None
+
+
+def record(item, traj, correct, tok):
+    text = re.sub(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>", "<image>", tok.decode(traj.seq.ids))
+    return dict(id=item.id, prediction=traj.answer, answers=item.answers, correct=correct, groups=item.groups,
+                turns=traj.turns, calls=dict(traj.calls), finish=traj.finish,
+                infra_error=traj.infra_errors > 0 or correct is None, images=item.image_paths, trajectory=text)
+
+
+def latest_rows(path):
+    """The last row written for each item id (a retried item's newer row replaces the older one)."""
+    rows = {}
+    for _, r in jsonl_rows(path) if os.path.exists(path) else []:
+        rows[r["id"]] = r
+    return rows
+
+
+def evaluate(model, processor, items, out, batch=16, judge=None, **rollout_kw):
+    """Run every unfinished item through the agent loop (greedy), append each result, return all rows."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "predictions.jsonl")
+    done = {k for k, r in latest_rows(path).items() if not r["infra_error"]}   # infra errors are retried
+    todo = [it for it in items if it.id not in done]
+    t0 = time.time()
+    for i in range(0, len(todo), batch):
+        chunk = todo[i:i + batch]
+        samples = [R.Sample([Image.open(io.BytesIO(x) if isinstance(x, bytes) else x).convert("RGB")
+                             for x in it.images], it.question, it.answers[0], it.data_source, it.id) for it in chunk]
+        trajs = R.rollout(model, processor, samples, temperature=0.0, **rollout_kw)
+        with open(path, "a", encoding="utf-8") as f:
+            for it, t in zip(chunk, trajs):
+                row = record(it, t, score(t.answer, it, judge), processor.tokenizer)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        n = i + len(chunk)
+        print(f"\r[{'#' * (30 * n // len(todo))}{'.' * (30 - 30 * n // len(todo))}] {n}/{len(todo)} items "
+              f"({time.time() - t0:.0f}s)", end="", flush=True, file=sys.stderr)
+    if todo:
+        print(file=sys.stderr)
+    rows = latest_rows(path)
+    return [rows[it.id] for it in items if it.id in rows]
+
+
+def summarize(rows, label):
+    """The table: accuracy overall and per group, tool-call rate per kind, mean turns; the item count in the label."""
+    scored = [r for r in rows if not r["infra_error"]]
+    groups = defaultdict(list)
+    for r in scored:
+        for g in r["groups"]:
+            groups[g].append(r["correct"])
+    acc = lambda xs: 100 * sum(xs) / len(xs) if xs else float("nan")
+    calls = Counter()
+    for r in scored:
+        calls.update({k for k, v in r["calls"].items() if v})
+    summary = dict(label=label, items=len(rows), scored=len(scored), infra_errors=len(rows) - len(scored),
+                   accuracy=acc([r["correct"] for r in scored]),
+                   groups={g: dict(n=len(v), accuracy=acc(v)) for g, v in sorted(groups.items())},
+                   tool_rate={k: 100 * v / max(1, len(scored)) for k, v in sorted(calls.items())},
+                   tool_calls_per_item=sum(sum(r["calls"].values()) for r in scored) / max(1, len(scored)),
+                   mean_turns=sum(r["turns"] for r in scored) / max(1, len(scored)))
+    print(f"{label} ({len(scored)} items scored" + (f", {summary['infra_errors']} with infrastructure errors, "
+                                                   "not scored: rerun to retry" if summary["infra_errors"] else "")
+          + ")")
+    print(f"  {'overall':24s} {summary['accuracy']:6.1f}")
+    for g, v in summary["groups"].items():
+        print(f"  {g + ' (' + str(v['n']) + ')':24s} {v['accuracy']:6.1f}")
+    print("  tool-call rate: " + (", ".join(f"{k} {v:.0f}%" for k, v in summary["tool_rate"].items()) or "none")
+          + f"; calls/item {summary['tool_calls_per_item']:.2f}; mean turns {summary['mean_turns']:.2f}")
+    return summary
+
+
+def protocol(args, cfg):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    return dict(bench=args.bench, data=os.path.abspath(args.data), model=args.model, commit=commit,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), judge=args.judge_url and args.judge_model,
+                rollout={k: v for k, v in cfg.items()}, scoring="rules first (option letter / text, numbers within "
+                "tolerance, normalised text), then the judge on what rules reject")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", required=True, choices=sorted(LOADERS), help="which benchmark")
+    ap.add_argument("--model", default=M.DEFAULT_MODEL, help="hub name or folder of the model to evaluate")
+    ap.add_argument("--data", help="benchmark file (default: see WHERE in eval.py)")
+    ap.add_argument("--out", help="output folder (default runs/eval/BENCH[-notools])")
+    ap.add_argument("--no-tools", action="store_true", help="no tools: a plain answer prompt, tool calls refused")
+    ap.add_argument("--limit", type=int, help="only the first N items")
+    ap.add_argument("--batch", type=int, default=16, help="items per rollout batch")
+    ap.add_argument("--max-turns", type=int, default=11, help="model turns per item (SPEC 7: ~11)")
+    ap.add_argument("--max-turn-tokens", type=int, default=8192, help="tokens per model turn")
+    ap.add_argument("--max-response-tokens", type=int, default=16384, help="response budget, observations included")
+    ap.add_argument("--max-pixels", type=int, default=M.RL_MAX_PIXELS, help="pixel cap of input images")
+    ap.add_argument("--search-url", default=None, help="search backend (default $DEEPEYES_SEARCH_URL or local)")
+    ap.add_argument("--system-prompt", help="file with a system prompt to use instead of the built-in one")
+    ap.add_argument("--judge-url", default=os.environ.get("JUDGE_URL"), help="OpenAI-compatible judge base URL "
+                    "(default $JUDGE_URL; none: rules only)")
+    ap.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", "Qwen2.5-72B-Instruct"), help="judge model")
+    args = ap.parse_args(argv)
+    args.data = args.data or WHERE[args.bench][1]
+    args.out = args.out or os.path.join("runs", "eval", args.bench + ("-notools" if args.no_tools else ""))
+    return args
+
+
+def rollout_config(args):
+    prompt = R.load_system_prompt(args.system_prompt) if args.system_prompt else \
+        (R.NO_TOOLS_PROMPT if args.no_tools else R.SYSTEM_PROMPT)
+    return dict(max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens, tools_on=not args.no_tools,
+                max_response_tokens=args.max_response_tokens, max_pixels=args.max_pixels, search_url=args.search_url,
+                system_prompt=prompt, user_suffix=R.NO_TOOLS_SUFFIX if args.no_tools else R.USER_SUFFIX)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    items = load(args.bench, args.data)[:args.limit]
+    cfg = rollout_config(args)
+    model, processor = M.load_model(args.model)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "protocol.json"), "w") as f:
+        json.dump(protocol(args, cfg), f, indent=1)
+    judge = G.LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
+    rows = evaluate(model, processor, items, args.out, args.batch, judge, **cfg)
+    name = "RealX (public 194)" if args.bench == "realx" and len(items) == 194 else args.bench
+    summary = summarize(rows, f"{name}, {len(items)} items" + (", no tools" if args.no_tools else ""))
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
