@@ -673,6 +673,25 @@ def test_miniature_pipeline_trained_model_beats_untrained(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     import world
     res = world.pipeline(str(tmp_path / "world"), str(tmp_path / "runs"), n_sft=64, n_rl=4, n_heldout=6,
-                         rl_steps=1)   # the quick start, shortened: 256 SFT conversations once, one GRPO batch
+                         rl_steps=1, sft_epochs=3)   # the quick start, shortened: 256 conversations x 3, 1 GRPO batch
     assert res["untrained"]["tool_calls_per_item"] < res["SFT"]["tool_calls_per_item"]
     assert res["SFT+GRPO"]["accuracy"] > res["untrained"]["accuracy"]
+
+
+def test_eval_loads_vlmevalkit_tsv_and_realx_jsonl(tmp_path):
+    buf = __import__("io").BytesIO()
+    Image.new("RGB", (30, 20), "red").save(buf, format="PNG")
+    b64 = __import__("base64").b64encode(buf.getvalue()).decode()
+    (tmp_path / "v.tsv").write_text("index\timage\tquestion\tA\tB\tC\tanswer\tcategory\n"
+                                    f"7\t{b64}\tWhat colour?\tred\tblue\t\tA\tdirect_attributes\n")
+    [v] = E.load_tsv(str(tmp_path / "v.tsv"))
+    assert v.options == ["red", "blue"] and v.answers == ["A"] and v.groups == ["direct_attributes"]
+    assert "(B) blue" in v.question and Image.open(__import__("io").BytesIO(v.images[0])).size == (30, 20)
+    assert E.score("red", v) == 1.0 and E.score("(B)", v) == 0.0
+    Image.new("RGB", (30, 20)).save(tmp_path / "r.png")
+    rows = [dict(query="Where?", answer="Paris or Lyon", perception=1, search=1, reason=1, image="r.png"),
+            dict(query="Who?", answer="Ada", perception=0, search=1, reason=0, image="r.png")]
+    (tmp_path / "realx.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = E.load_realx(str(tmp_path / "realx.jsonl"))
+    assert a.groups == ["perception", "search", "reason", "integration"] and a.answers == ["Paris", "Lyon"]
+    assert b.groups == ["search"] and b.data_source == "search" and E.score("lyon", a) == 1.0
