@@ -9,8 +9,9 @@ Benchmarks (SPEC section 8): realx (parquet or JSONL: query, answer with " or " 
 reason flags, image), mathvision (JSONL), vstar and hrbench (VLMEvalKit TSV, base64 images, option letters),
 mathvista and chartqa (JSONL; numbers within 5%), toy (data/world/heldout.jsonl).
 
-Output folder: predictions.jsonl (one line per finished item, appended as it finishes: prediction, verdict, the
-whole trajectory text with images as "<image>" and the input images by path), protocol.json (prompt, temperature,
+Output folder: predictions.jsonl (one line per finished item, appended as its batch finishes: prediction, verdict,
+the whole trajectory text with images as "<image>", and every image by path in order: the inputs, then tool-output
+images saved under images/), protocol.json (prompt, temperature,
 limits, judge, model: what reproduces a number). A rerun skips finished items, so a crash or Ctrl-C loses at most
 the batch in flight; items that hit an infrastructure error (tool backend or judge down) are retried on a rerun and,
 until then, are shown apart, never scored as wrong.
@@ -174,11 +175,17 @@ def score(pred, item, judge=None):
         return None
 
 
-def record(item, traj, correct, tok):
+def record(item, traj, correct, tok, out):
+    """One output line: the verdict and the whole trajectory, images by path (tool-output images saved to out/)."""
     text = re.sub(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>", "<image>", tok.decode(traj.seq.ids))
+    saved = []
+    for k, img in enumerate(traj.obs_images):
+        saved.append(os.path.join("images", f"{re.sub(r'[^A-Za-z0-9_.-]', '_', item.id)}-{k}.png"))
+        os.makedirs(os.path.join(out, "images"), exist_ok=True)
+        img.save(os.path.join(out, saved[-1]))
     return dict(id=item.id, prediction=traj.answer, answers=item.answers, correct=correct, groups=item.groups,
                 turns=traj.turns, calls=dict(traj.calls), finish=traj.finish,
-                infra_error=traj.infra_errors > 0 or correct is None, images=item.image_paths, trajectory=text)
+                infra_error=traj.infra_errors > 0 or correct is None, images=item.image_paths + saved, trajectory=text)
 
 
 def latest_rows(path):
@@ -200,10 +207,10 @@ def evaluate(model, processor, items, out, batch=16, judge=None, **rollout_kw):
         chunk = todo[i:i + batch]
         samples = [R.Sample([Image.open(io.BytesIO(x) if isinstance(x, bytes) else x).convert("RGB")
                              for x in it.images], it.question, it.answers[0], it.data_source, it.id) for it in chunk]
-        trajs = R.rollout(model, processor, samples, temperature=0.0, **rollout_kw)
+        trajs = R.rollout(model, processor, samples, temperature=0.0, keep_images=True, **rollout_kw)
         with open(path, "a", encoding="utf-8") as f:
             for it, t in zip(chunk, trajs):
-                row = record(it, t, score(t.answer, it, judge), processor.tokenizer)
+                row = record(it, t, score(t.answer, it, judge), processor.tokenizer, out)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -89,6 +89,7 @@ class Trajectory:
     calls: Counter = field(default_factory=Counter)   # code / search / image_search / error
     finish: str = ""         # answer | no_action | max_turns | turn_tokens | budget | prompt_too_long | infra_error
     infra_errors: int = 0
+    obs_images: list = field(default_factory=list)   # images of tool outputs, kept only with keep_images=True
     response: str = ""       # decoded response (tool outputs included), what the reward reads
     reward: dict = field(default_factory=dict)
     # rollout-internal state
@@ -321,6 +322,8 @@ def append_observation(processor, traj, text, images, cfg):
         traj.finish = "budget"
         return
     traj.seq.extend(obs)
+    if cfg["keep_images"]:   # eval writes them out; RL does not keep them (memory)
+        traj.obs_images += images
     traj.action_mask += [0] * len(obs.ids)
     traj.logprobs += [0.0] * len(obs.ids)
 
@@ -342,6 +345,7 @@ def timer(phase):
 DEFAULTS = dict(temperature=1.0, top_p=1.0, max_turns=9, max_turn_tokens=8192, max_response_tokens=16384,
                 max_prompt_tokens=8192, max_images=50, use_cache=True, tools_on=True, search_url=None,
                 on_infra_error="observe", sandbox_timeout=20, system_prompt=SYSTEM_PROMPT, user_suffix=USER_SUFFIX,
+                keep_images=False,
                 max_pixels=None)
 
 

@@ -648,8 +648,18 @@ def test_eval_on_real_mathvision_testmini_end_to_end(tiny, tmp_path):
                        **TINY_EVAL)
     expected = sum(it.answers[0] == "A" for it in items)
     assert 0 < expected < 304 and sum(r["correct"] for r in wrong) == expected
-    protocol_free = json.loads(open(tmp_path / "A" / "predictions.jsonl").readline())
-    assert protocol_free["images"] == [items[0].image_paths[0]] and "<image>" in protocol_free["trajectory"]
+    first = json.loads(open(tmp_path / "A" / "predictions.jsonl").readline())
+    assert first["images"] == [items[0].image_paths[0]] and first["trajectory"].count("<image>") == 1
+
+
+def test_eval_saves_tool_output_images_by_path(tiny, tmp_path):
+    model, processor, _ = tiny
+    item = E.Item("q/1", "How big?", ["1889"], [os.path.join(os.path.dirname(MATHVISION), "images", "4.jpg")],
+                  image_paths=["4.jpg"])
+    [row] = E.evaluate(model, processor, [item], str(tmp_path), script=scripted([SCRIPT[0], SCRIPT[-1]]),
+                       **dict(TINY_EVAL, max_turn_tokens=96))
+    assert row["images"][0] == "4.jpg" and row["trajectory"].count("<image>") == len(row["images"]) == 2
+    assert Image.open(tmp_path / row["images"][1]).size == (20, 20)   # the crop the code showed, as a file
 
 
 # ================================================================================================ the miniature
