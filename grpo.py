@@ -13,7 +13,7 @@ authors ran it; `--kl` and `--drop-flat-groups` turn those on. Trajectories that
 
 Commands:
   python grpo.py --model PATH --data rl.jsonl                   # the paper's settings (one 80 GB GPU: see README)
-  python grpo.py --tiny --model runs/sft --data data/world/rl_train.jsonl --out runs/grpo   # the CPU preset
+  python grpo.py --tiny --model runs/mini/sft/checkpoint --data data/world/rl.jsonl --out runs/grpo   # CPU preset
   python grpo.py convert DeepEyesV2_RL/*.parquet --out rl_data   # released parquet -> our JSONL (needs pyarrow)
   python grpo.py --bench 7b --micro-batch 1                     # peak memory + time of a 7B GRPO step (GPU)
 """

@@ -24,7 +24,7 @@ Deliberate choices:
 
 Commands:
   python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data sft.jsonl --out runs/sft    # the paper's settings
-  python sft.py --tiny --model runs/tiny --data data/world/sft.jsonl --out runs/sft    # the CPU preset
+  python sft.py --tiny --model runs/mini/base --data data/world/sft.jsonl --out runs/sft  # the CPU preset
   python sft.py convert DeepEyesV2_SFT.json --images-root DIR --out data/sft.jsonl     # released json -> ours
   python sft.py --bench 7b                    # peak memory and tokens/s of 7B SFT steps (random weights, GPU)
 """
