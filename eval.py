@@ -259,7 +259,7 @@ def protocol(args, cfg):
         commit = ""
     return dict(bench=args.bench, data=os.path.abspath(args.data), model=args.model, commit=commit,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"), judge=args.judge_url and args.judge_model,
-                rollout={k: v for k, v in cfg.items()}, scoring="rules first (option letter / text, numbers within "
+                rollout=cfg, scoring="rules first (option letter / text, numbers within "
                 "tolerance, normalised text), then the judge on what rules reject")
 
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -281,7 +282,7 @@ def train(args):
     if args.grad_ckpt:
         M.set_gradient_checkpointing(model, True)
     samples = load_prompts(args.data)
-    __import__("random").Random(args.seed).shuffle(samples)   # a batch mixes sources, the same order on a resume
+    random.Random(args.seed).shuffle(samples)   # a batch mixes sources, the same order on a resume
     opt = M.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step = M.load_checkpoint(args.out, opt) if resume else 0
     judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
@@ -343,21 +344,8 @@ def bench(preset, lengths, micro, device=None):
         t.action_mask += [1, 0] * (n // 2) + [1] * (n % 2)
         trajs = [t] * (2 * micro)
         adv = torch.tensor([1.0, -1.0] * micro)
-        try:
-            for i in range(2):   # the first step allocates the optimizer state: time the second
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                grpo_update(model, opt, trajs, adv, args)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-            peak = round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.startswith("cuda") else None
-        except torch.OutOfMemoryError:
-            opt.zero_grad(set_to_none=True)
-            dt, peak = float("inf"), "OOM"
-        rows.append(dict(tokens=length, micro_batch=micro, trajectories=len(trajs), step_s=round(dt, 2) if peak != "OOM" else None,
-                         tokens_per_s=round(len(trajs) * length / dt) if peak != "OOM" else 0, peak_gib=peak))
+        rows.append(dict(tokens=length, micro_batch=micro, trajectories=len(trajs), **M.measure_step(
+            lambda: grpo_update(model, opt, trajs, adv, args), opt, device, len(trajs) * length)))
     print(f"GRPO optimizer step, {preset}, full fine-tune, grad ckpt, {device}")
     print(f"{'tokens':>8s} {'micro':>6s} {'trajs':>6s} {'step s':>8s} {'tok/s':>8s} {'peak GiB':>9s}")
     for r in rows:

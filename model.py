@@ -20,12 +20,14 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
+from tools import IMAGE_PLACEHOLDER   # the protocol constant lives in tools.py (which needs no torch)
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 try:   # transformers >= 5.2x: the PIL image processor (no torchvision needed)
@@ -34,7 +36,6 @@ except ImportError:   # older 5.x (the GPU machines' 5.17)
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 RL_MAX_PIXELS = 16384 * 28 * 28   # SPEC 1: RL / eval
 SFT_MAX_PIXELS = 512 * 512        # SPEC 6: cold-start SFT
 MIN_PIXELS = 56 * 56
@@ -239,6 +240,26 @@ class AdamW(torch.optim.Optimizer):
                     new = view(p).float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
                     for dst, src in ((p, new), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
                         self._write(view(dst), src)
+
+
+def measure_step(step, opt, device, tokens):
+    """Time and peak memory of one training step for the benches: the second call is measured (the first allocates
+    the optimizer state). -> dict(step_s, tokens_per_s, peak_gib); peak "OOM" when it does not fit."""
+    cuda = str(device).startswith("cuda")
+    try:
+        for _ in range(2):
+            if cuda:
+                torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    except torch.OutOfMemoryError:
+        opt.zero_grad(set_to_none=True)
+        return dict(step_s=None, tokens_per_s=0, peak_gib="OOM")
+    return dict(step_s=round(dt, 2), tokens_per_s=round(tokens / dt),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None)
 
 
 # ----------------------------------------------------------------------------------------------------- loading

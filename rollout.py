@@ -1,7 +1,8 @@
 """rollout.py -- the agent loop: a model becomes an agent that thinks, calls tools, reads their output, and answers.
 
-One loop serves RL (grpo.py, sampled) and evaluation (eval.py, greedy). A round is: every active trajectory prefills
-its pending tokens into its own KV cache, then all of them decode together in one batch until each has ended its turn
+One loop serves RL (grpo.py, sampled) and evaluation (eval.py, greedy). A round is: the active trajectories prefill
+their pending tokens (prompt, or the last observation) together, each into its own KV cache, then all of them
+decode together in one batch until each has ended its turn
 (`</code>`, `</tool_call>` or `<|im_end|>`), then all their tools run concurrently, and the observations are appended
 in SPEC section 1's exact token format. The token stream of a trajectory is exactly the chat template applied to the
 final conversation (test_all.py checks it), so SFT data and rollouts share one format.
@@ -9,20 +10,21 @@ final conversation (test_all.py checks it), so SFT data and rollouts share one f
 Deliberate choices:
 - Plain PyTorch over the model's forward; M-RoPE positions computed here and passed explicitly.
 - Each trajectory keeps its own KV cache across turns (an observation costs only its own prefill); the batch stacks
-  the caches left-padded for decoding and splits them back when a turn ends. `--no-cache` re-prefills instead
-  (the bench measures both; the cache is faster and is the default).
+  the caches left-padded for decoding and splits them back when a turn ends. `use_cache=False` re-prefills
+  instead (the bench measures both; the cache is faster and is the default).
 - Rounds are synchronous: a trajectory whose turn ended early waits for the round's longest turn, and its tool
   runs concurrently with everyone else's. Simpler than continuous batching, at some decode efficiency.
 - The policy may never emit `<|endoftext|>`, `<|im_start|>` or vision tokens (banned at sampling, as the original).
 - A tool backend failure (sandbox or search down) is an observation that lets the model go on, and is counted in
   `Trajectory.infra_errors` so that no one scores it as a wrong answer (`on_infra_error="end"` ends the episode,
-  as the original did).
+  as the original did). With `tools_on=False` (eval --no-tools) a tool call is refused the same way.
 
 Commands:
   python rollout.py --bench                  # tok/s: batched rollout vs model.generate one at a time; cache vs not
   python rollout.py --bench --preset 7b      # the same on the real 7B architecture (random weights, GPU)
 """
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -96,6 +98,7 @@ class Trajectory:
     cache: list = None       # per layer (k, v) of shape [1, H, T, D], covering seq.ids[:cached]
     cached: int = 0
     cached_images: int = 0
+    next_pos: int = 0        # M-RoPE position of the next token (set by prefill)
     turn_ids: list = field(default_factory=list)
     forced: list = field(default_factory=list)
 
@@ -163,6 +166,7 @@ def prefill(model, trajs, max_batch_tokens=16384):
             keep = mask[b].bool()
             t.cache = [(layer.keys[b:b + 1, :, keep], layer.values[b:b + 1, :, keep]) for layer in cache.layers]
             t.cached, t.cached_images = len(t.seq.ids), len(t.seq.pixels)
+            t.next_pos = pos[:, b, -1].max().item() + 1
             logits[i] = out.logits[b, -1]
     return torch.stack(logits)
 
@@ -232,15 +236,11 @@ def sample_token(logits, temperature, top_p, banned, forced=None):
 
 
 # ------------------------------------------------------------------------------------------- one round
-_CLOSES = {}
-
-
+@functools.lru_cache(maxsize=4)
 def closing_tokens(tok):
     """Ids of tokens containing ">": only they can complete a stop string, so only they make us decode the tail
     (decoding every row's tail at every step cost more host time than the 7B's decode step itself)."""
-    if id(tok) not in _CLOSES:
-        _CLOSES[id(tok)] = {i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if ">" in t}
-    return _CLOSES[id(tok)]
+    return frozenset(i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if ">" in t)
 
 
 def decode_turns(model, tok, trajs, first_logits, cfg):
@@ -251,7 +251,7 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
     closes = closing_tokens(tok)
     cache, mask = stack_caches(trajs)
     rows = list(range(len(trajs)))                  # row r of the batch is trajs[rows[r]]
-    pos = torch.tensor([rope_positions(model, t.seq)[:, -1].max().item() + 1 for t in trajs], device=dev)
+    pos = torch.tensor([t.next_pos for t in trajs], device=dev)
     logits = first_logits
     while rows:
         forced = [trajs[i].forced.pop(0) if trajs[i].forced else -1 for i in rows]   # scripted policies

@@ -248,21 +248,8 @@ def bench(preset, lengths, device=None):
                 {"role": "assistant", "content": "<think>" + " the red mark is small" * (length // 5) + "</think>"}]
         seq, labels = encode_conversation(processor, msgs, [Image.new("RGB", (448, 448), "red")])
         seq.ids, seq.mm, labels = seq.ids[:length], seq.mm[:length], labels[:length]
-        try:
-            for i in range(2):   # the first step allocates the optimizer state: time the second
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                sft_step(model, opt, sched, [(seq, labels)] * 4, 1.0)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-            peak = round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.startswith("cuda") else None
-        except torch.OutOfMemoryError:
-            opt.zero_grad(set_to_none=True)
-            dt, peak = float("inf"), "OOM"
-        rows.append(dict(tokens=len(seq.ids), step_s=round(dt, 2) if peak != "OOM" else None, tokens_per_s=round(4 * len(seq.ids) / dt) if peak != "OOM" else 0,
-                         peak_gib=peak))
+        rows.append(dict(tokens=len(seq.ids), **M.measure_step(
+            lambda: sft_step(model, opt, sched, [(seq, labels)] * 4, 1.0), opt, device, 4 * len(seq.ids))))
     n = sum(p.numel() for p in model.parameters()) / 1e9
     print(f"SFT step, {preset} ({n:.2f}B params, vision frozen, grad ckpt, batch 1 x accum 4), {device}")
     print(f"{'tokens':>8s} {'step s':>8s} {'tok/s':>8s} {'peak GiB':>9s}")

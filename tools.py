@@ -89,7 +89,7 @@ def _recv_exact(sock, n):
 def _png(img):
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)   # fast: these images live for one trajectory
-    return base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
 # ---- inside the session process (forked from the zygote) ----
@@ -363,7 +363,7 @@ class Sandbox:
             reply = _recv(self.sock)
         except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
             why = "timed out" if isinstance(e, socket.timeout) else "died (memory, CPU-time or output limit)"
-            self._kill()
+            self.close()
             self.restarts += 1
             self._start()
             return dict(stdout="", images=[], stderr=f"Error: the code {why}; the Python session was restarted, "
@@ -371,7 +371,8 @@ class Sandbox:
         return dict(stdout=str(reply["stdout"])[:2 * OUTPUT_LIMIT], stderr=str(reply["stderr"])[:2 * OUTPUT_LIMIT],
                     images=reply["images"][:MAX_IMAGES_PER_CALL])
 
-    def _kill(self):
+    def close(self):
+        """Kill the session with everything it started, and remove its scratch directory."""
         if self.sock is not None:
             self.sock.close()
         if self.pid:
@@ -383,9 +384,6 @@ class Sandbox:
             import shutil
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.sock = self.pid = self.scratch = None
-
-    def close(self):
-        self._kill()
 
     def __enter__(self):
         return self
@@ -460,7 +458,7 @@ def text_search(query, k=5, url=None, cache=True):
 
 def image_search(image, k=3, url=None, cache=True):
     """-> (observation text, result images) for a reverse image search, formatted as SPEC section 1."""
-    png = base64.b64decode(_png(image.convert("RGB")))
+    png = _png(image.convert("RGB"))
     fetch = lambda: _post("/lens", {"image_b64": base64.b64encode(png).decode(), "num": k}, url).get("organic", [])[:k]
     results = _cached("image", (url or SEARCH_URL).encode() + png, fetch) if cache else fetch()
     # SPEC's "<image>" marks where each result image goes: here the model's own image placeholder
@@ -540,8 +538,8 @@ class SearchIndex:
         return out
 
 
-def serve(index, host="127.0.0.1", port=8765, ready=None):
-    """Answer POST /search and POST /lens with Serper-shaped JSON. Loopback only by default."""
+def make_server(index, host="127.0.0.1", port=8765):
+    """An HTTP server answering POST /search and POST /lens with Serper-shaped JSON. Loopback only by default."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
@@ -568,20 +566,14 @@ def serve(index, host="127.0.0.1", port=8765, ready=None):
         def log_message(self, *a):
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    if ready is not None:
-        ready.append(server)
-    server.serve_forever()
+    return ThreadingHTTPServer((host, port), Handler)
 
 
 def start_server_thread(corpus, image_index=None, port=0):
-    """Run `serve` in a daemon thread (tests, the miniature pipeline); returns its base URL."""
-    holder = []
-    threading.Thread(target=serve, args=(SearchIndex(corpus, image_index), "127.0.0.1", port, holder),
-                     daemon=True).start()
-    while not holder:
-        time.sleep(0.01)
-    return f"http://127.0.0.1:{holder[0].server_address[1]}"
+    """Serve in a daemon thread (tests, the miniature pipeline); returns its base URL."""
+    server = make_server(SearchIndex(corpus, image_index), "127.0.0.1", port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
 
 
 # ================================================================================================ actions
@@ -687,7 +679,7 @@ def main():
         if not os.path.exists(args.corpus):
             sys.exit(f"error: corpus {args.corpus} not found (python data/world.py builds one)")
         print(f"search backend on http://{args.host}:{args.port} (corpus {args.corpus})", flush=True)
-        return serve(SearchIndex(args.corpus, args.images), args.host, args.port)
+        return make_server(SearchIndex(args.corpus, args.images), args.host, args.port).serve_forever()
     ap.print_help()
 
 

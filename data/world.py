@@ -234,7 +234,8 @@ def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=
 
 
 def texts(out):
-    """The world's text, for the tiny tokenizer."""
+    """The world's text, the tiny tokenizer's whole corpus (not this repo's code: an edit to a .py file must not
+    change the miniature's tokenizer, and so its results)."""
     return [open(os.path.join(out, name), encoding="utf-8").read() for name in
             ("corpus.jsonl", "sft.jsonl", "rl.jsonl", "heldout.jsonl")]
 
@@ -292,7 +293,7 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     import sft as S
     t0 = time.time()
     build(out, seed, n_sft, n_rl, n_heldout)
-    base = M.build_tiny(os.path.join(runs, "base"), "mini", seed, corpus=M.project_text() + texts(out), words=words(out))
+    base = M.build_tiny(os.path.join(runs, "base"), "mini", seed, corpus=texts(out), words=words(out))
     pretrain_recall(base, ANIMALS + sorted(PALETTE), seed=seed)
     url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"))
     items = E.load_toy(os.path.join(out, "heldout.jsonl"))
