@@ -21,6 +21,9 @@ Deliberate choices:
 - The vocabulary projection is chunked (model.token_logprobs): a 20k-token sample never materialises its logits.
 - Over-long samples (> --cutoff tokens) are skipped and counted rather than truncated (a cut trajectory would
   teach the model to stop mid-protocol).
+- --tiny freezes the token embeddings (the paper trains all LLM weights). The tiny model's vocabulary is mostly
+  town names known only from its recall pre-training (data/world.py); SFT on the training towns reshaped their
+  embeddings and the model then copied no held-out town into a search query (teacher-forced, 0% vs 100% frozen).
 
 Commands:
   python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data sft.jsonl --out runs/sft    # the paper's settings
@@ -193,6 +196,8 @@ def train(args):
     model, processor = M.load_model(ckpt if resume else args.model)
     if not args.unfreeze_vision:
         freeze_vision(model)
+    if args.freeze_embeddings:   # tied: the output projection too
+        model.get_input_embeddings().weight.requires_grad_(False)
     if args.grad_ckpt:
         M.set_gradient_checkpointing(model, True)
     data = load_conversations(args.data)
@@ -272,18 +277,22 @@ def parse_args(argv=None):
     ap.add_argument("--cutoff", type=int, default=20480, help="skip (and count) samples longer than this many tokens")
     ap.add_argument("--max-pixels", type=int, default=M.SFT_MAX_PIXELS, help="pixel cap per image")
     ap.add_argument("--unfreeze-vision", action="store_true", help="also train the vision tower and projector")
+    ap.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep the token embeddings (and the tied output projection) fixed (default: off; --tiny: on)")
     ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
     ap.add_argument("--steps", type=int, default=10**9, help="stop after this many optimizer steps")
     ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
     ap.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data order")
-    ap.add_argument("--tiny", action="store_true", help="CPU preset: lr 2e-3, 2 epochs, accum 2, no checkpointing")
+    ap.add_argument("--tiny", action="store_true", help="CPU preset: lr 1e-3, 3 epochs, accum 2, frozen "
+                    "embeddings, no checkpointing")
     ap.add_argument("--bench", metavar="PRESET", choices=["test", "mini", "7b"], help="measure peak memory and "
                     "tokens/s of SFT steps on a random model (7b: the real architecture, GPU) and exit")
     ap.add_argument("--bench-tokens", default="4096,20480", help="sample lengths for --bench, comma separated")
     args = ap.parse_args(argv)
     if args.tiny:
-        for k, v in dict(lr=2e-3, epochs=2, grad_accum=2, grad_ckpt=False, save_every=50).items():
+        preset = dict(lr=1e-3, epochs=3, grad_accum=2, grad_ckpt=False, save_every=50, freeze_embeddings=True)
+        for k, v in preset.items():
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, v)
     return args
