@@ -281,9 +281,11 @@ def train(args):
     model, processor = M.load_model(ckpt if resume else args.model)
     if args.grad_ckpt:
         M.set_gradient_checkpointing(model, True)
+    if args.freeze_embeddings:   # tied: the output projection too (why: sft.py's docstring)
+        model.get_input_embeddings().weight.requires_grad_(False)
     samples = load_prompts(args.data)
     random.Random(args.seed).shuffle(samples)   # a batch mixes sources, the same order on a resume
-    opt = M.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     step = M.load_checkpoint(args.out, opt) if resume else 0
     judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
     os.makedirs(args.out, exist_ok=True)
@@ -384,19 +386,22 @@ def parse_args(argv=None):
     ap.add_argument("--judge-url", default=os.environ.get("JUDGE_URL"), help="OpenAI-compatible judge base URL "
                     "(default $JUDGE_URL; none: the rule judge only)")
     ap.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", "Qwen2.5-72B-Instruct"), help="judge model")
+    ap.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep the token embeddings (and the tied output projection) fixed (default: off; --tiny: on)")
     ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
     ap.add_argument("--save-every", type=int, default=10, help="checkpoint every N rollout batches")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     ap.add_argument("--seed", type=int, default=0, help="random seed")
     ap.add_argument("--tiny", action="store_true", help="CPU preset: group 4, 8 prompts, mini-batch 4, lr 2e-5, "
-                    "short turns")
+                    "short turns, frozen embeddings")
     ap.add_argument("--bench", metavar="PRESET", choices=["test", "mini", "7b"], help="measure peak memory and time "
                     "of one GRPO step on a random model (7b: the real architecture, GPU) and exit")
     ap.add_argument("--bench-tokens", default="4096,16384", help="trajectory lengths for --bench, comma separated")
     args = ap.parse_args(argv)
     if args.tiny:
-        for k, v in dict(group=4, prompts=8, mini_batch=4, micro_batch=16, lr=2e-5, max_turn_tokens=96,
-                         max_response_tokens=1024, max_turns=4, grad_ckpt=False, save_every=5).items():
+        preset = dict(group=4, prompts=8, mini_batch=4, micro_batch=16, lr=2e-5, max_turn_tokens=96,
+                      max_response_tokens=1024, max_turns=4, grad_ckpt=False, save_every=5, freeze_embeddings=True)
+        for k, v in preset.items():
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, v)
     return args
