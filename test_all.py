@@ -678,14 +678,16 @@ def test_miniature_world_is_seeded_and_its_expert_is_right(tmp_path):
     assert len(convs) == 16 and all(c["messages"][-1]["content"].endswith("</answer>") for c in convs)
 
 
-def test_miniature_pipeline_trained_model_beats_untrained(tmp_path):
+def test_miniature_pipeline_trained_model_beats_untrained_and_its_own_no_tool_run(tmp_path):
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     import world
     res = world.pipeline(str(tmp_path / "world"), str(tmp_path / "runs"), n_sft=64, n_rl=4, n_heldout=6,
                          rl_steps=1, sft_epochs=3)   # the quick start, shortened: 256 conversations x 3, 1 GRPO batch
     assert res["untrained"]["tool_calls_per_item"] < res["SFT"]["tool_calls_per_item"]
-    assert res["SFT+GRPO"]["accuracy"] > res["untrained"]["accuracy"]
+    # measured at seed 0: untrained 0, SFT+GRPO 91.7, tools disabled 4.2 (24 items); the target is +20 points
+    assert res["SFT+GRPO"]["accuracy"] >= res["untrained"]["accuracy"] + 20
+    assert res["SFT+GRPO"]["accuracy"] >= res["SFT+GRPO, tools disabled"]["accuracy"] + 20
 
 
 def test_eval_loads_vlmevalkit_tsv_and_realx_jsonl(tmp_path):
