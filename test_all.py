@@ -199,6 +199,21 @@ def test_image_search_finds_the_nearest_image(search_url):
     assert "found 2 results" in text and f"1. {M.IMAGE_PLACEHOLDER}\n[Green Park] \n" in text and len(images) == 2
 
 
+def test_image_search_min_score_keeps_only_clear_matches(tmp_path):
+    rows = []
+    for i, colour in enumerate([(220, 20, 20), (20, 200, 40), (20, 40, 220)]):
+        img = Image.new("RGB", (48, 48), colour)
+        img.paste((255, 255, 255), (8 * i, 8, 8 * i + 12, 20))
+        img.save(tmp_path / f"{i}.png")
+        rows.append({"title": f"flag {i}", "image": f"{i}.png"})
+    (tmp_path / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = os.path.join(os.path.dirname(__file__), "data", "corpus.jsonl")
+    query = Image.open(tmp_path / "1.png").resize((96, 96))
+    nearest = T.SearchIndex(corpus, str(tmp_path / "images.jsonl")).image(query, 3)
+    strict = T.SearchIndex(corpus, str(tmp_path / "images.jsonl"), min_image_score=0.95).image(query, 3)
+    assert len(nearest) == 3 and [r["title"] for r in strict] == ["flag 1"]
+
+
 def test_search_cache_serves_repeats_and_dead_backend_raises(search_url, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "CACHE_DIR", str(tmp_path))
     first = T.text_search("Eiffel Tower", url=search_url)

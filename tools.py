@@ -512,7 +512,8 @@ def image_embedding(img):
 class SearchIndex:
     """Text corpus (JSONL: title, text, link[, date]) and image index (JSONL: title, image path) for `serve`."""
 
-    def __init__(self, corpus, image_index=None):
+    def __init__(self, corpus, image_index=None, min_image_score=-1.0):
+        self.min_image_score = min_image_score   # a reverse image search returns matches, not the nearest of anything
         with open(corpus) as f:
             self.bm25 = BM25([json.loads(line) for line in f if line.strip()])
         self.images = []
@@ -530,9 +531,10 @@ class SearchIndex:
     def image(self, img, k):
         if not self.images:
             return []
-        order = np.argsort(-(self.emb @ image_embedding(img)), kind="stable")[:k]
+        scores = self.emb @ image_embedding(img)
+        order = np.argsort(-scores, kind="stable")[:k]
         out = []
-        for i in order:
+        for i in order[scores[order] >= self.min_image_score]:
             with open(os.path.join(self.image_root, self.images[i]["image"]), "rb") as f:
                 out.append(dict(title=self.images[i]["title"], image_b64=base64.b64encode(f.read()).decode()))
         return out
@@ -569,9 +571,9 @@ def make_server(index, host="127.0.0.1", port=8765):
     return ThreadingHTTPServer((host, port), Handler)
 
 
-def start_server_thread(corpus, image_index=None, port=0):
+def start_server_thread(corpus, image_index=None, port=0, min_image_score=-1.0):
     """Serve in a daemon thread (tests, the miniature pipeline); returns its base URL."""
-    server = make_server(SearchIndex(corpus, image_index), "127.0.0.1", port)
+    server = make_server(SearchIndex(corpus, image_index, min_image_score), "127.0.0.1", port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}"
 
@@ -672,6 +674,8 @@ def main():
                     help="serve: JSONL image index with title and image path (relative to the file)")
     ap.add_argument("--host", default="127.0.0.1", help="serve: address to bind (keep loopback unless you mean it)")
     ap.add_argument("--port", type=int, default=8765, help="serve: port")
+    ap.add_argument("--min-image-score", type=float, default=-1.0, help="serve: drop image matches below this cosine "
+                    "similarity of the image signatures (-1: always the k nearest; the miniature world uses 0.95)")
     args = ap.parse_args()
     if args.bench:
         return bench()
@@ -679,7 +683,8 @@ def main():
         if not os.path.exists(args.corpus):
             sys.exit(f"error: corpus {args.corpus} not found (python data/world.py builds one)")
         print(f"search backend on http://{args.host}:{args.port} (corpus {args.corpus})", flush=True)
-        return make_server(SearchIndex(args.corpus, args.images), args.host, args.port).serve_forever()
+        index = SearchIndex(args.corpus, args.images, args.min_image_score)
+        return make_server(index, args.host, args.port).serve_forever()
     ap.print_help()
 
 

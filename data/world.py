@@ -7,7 +7,7 @@ Four RealX-style categories, each needing a tool for real:
   search        "Which animal is the emblem of Venpe?": a fact only the local corpus holds (held-out towns never
                 appear in training, so nothing can be memorised)
   integration   a town's emblem: image search finds the town's name, then text search its animal
-The local search corpus and image index (for `python tools.py serve`) are generated with the items.
+The local search corpus and image index (for `python tools.py serve --min-image-score 0.95`) are generated with the items.
 
 Cold-start trajectories come from a scripted expert (as the authors used strong models): it runs the real tools,
 and a trajectory is kept only when its answer is right and its code ran clean, written in sft.py's format.
@@ -23,7 +23,9 @@ What made it work (each measured, teacher-forced on held-out expert trajectories
   - frozen token embeddings in the tiny SFT and GRPO (`--tiny`): trained, the ~250 training towns' embeddings move
     and copying of towns never trained on falls to 0% (frozen: 100% in search);
   - tiny embeddings initialised at 1/sqrt(hidden) (model.build_tiny): at 0.02 the tied output layer cannot make
-    confident logits and GRPO's temperature-1 samples broke the protocol (format reward 3%).
+    confident logits and GRPO's temperature-1 samples broke the protocol (format reward 3%);
+  - image search returns only clear matches (IMAGE_MATCH): with the 3 nearest flags the model had to copy the first
+    of three town names, and queried a town it had seen in training instead (integration 56% after SFT, 3 seeds).
 
 Commands:
   python data/world.py                      # write data/world/ (seed 0): items, corpus, image index, SFT data
@@ -55,6 +57,7 @@ QUESTION = {"recognition": "What colour is the small mark in the picture?",
 WORLD_PROMPT = ("You are a visual agent. Think in <think> </think>, then act: run python in <code> </code>, or call "
                 "search or image_search in <tool_call> </tool_call>, or answer in <answer> </answer>.")
 WORLD_MAX_PIXELS = 112 * 112   # the model sees 4 x 4 visual tokens per picture: small details are lost
+IMAGE_MATCH = 0.95   # image search returns only flags this similar: one clear match, not the 3 nearest of anything
 
 
 def entity_names(rng, n):
@@ -74,9 +77,10 @@ def emblem(rng):
 
 
 def photo_of(img, rng):
-    """The emblem as a question shows it: bigger, shifted, on a light background (image search must still match)."""
+    """The emblem as a question shows it: bigger, shifted, on a light background. Image search matches it at cosine
+    >= 0.97 while the closest other emblem stays <= 0.93 (measured on 300), so IMAGE_MATCH returns just the town."""
     out = Image.new("RGB", (224, 224), (235, 235, 230))
-    out.paste(img.resize((168, 168), Image.NEAREST), (rng.randint(20, 36), rng.randint(20, 36)))
+    out.paste(img.resize((216, 216), Image.NEAREST), (rng.randint(2, 6), rng.randint(2, 6)))
     return out
 
 
@@ -226,7 +230,8 @@ def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=
     for s, items in splits.items():
         with open(os.path.join(out, f"{'sft_items' if s == 'sft' else s}.jsonl"), "w") as f:
             f.writelines(json.dumps(it) + "\n" for it in items)
-    url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"))
+    url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"),
+                                    min_image_score=IMAGE_MATCH)
     kept = 0
     with open(os.path.join(out, "sft.jsonl"), "w") as f:
         for item in splits["sft"]:
@@ -304,7 +309,8 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     build(out, seed, n_sft, n_rl, n_heldout)
     base = M.build_tiny(os.path.join(runs, "base"), "mini", seed, corpus=texts(out), words=words(out))
     pretrain_recall(base, words(out), seed=seed)
-    url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"))
+    url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"),
+                                    min_image_score=IMAGE_MATCH)
     items = E.load_toy(os.path.join(out, "heldout.jsonl"))
     px = ["--max-pixels", str(WORLD_MAX_PIXELS)]
     cfg = dict(max_turns=4, max_turn_tokens=96, max_response_tokens=1024, max_pixels=WORLD_MAX_PIXELS,
