@@ -1,10 +1,8 @@
 """test_all.py -- CPU-only tests, each named after the property it pins. Run: python -m pytest -q test_all.py"""
 import json
 import os
-import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +11,8 @@ import eval as E
 import model as M
 import sft as S
 import tools as T
+
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.jsonl")
 
 
 # ================================================================================================ fixtures
@@ -25,7 +25,11 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def search_url(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
+    return T.start_server_thread(CORPUS, image_index(tmp_path_factory.mktemp("search")))
+
+
+def image_index(root):
+    """Three flat colours, each with a white patch in its own place: an image index for the search tests."""
     rows = []
     for i, (name, colour) in enumerate([("Red Square", (220, 20, 20)), ("Green Park", (20, 200, 40)),
                                         ("Blue Lagoon", (20, 40, 220))]):
@@ -34,8 +38,7 @@ def search_url(tmp_path_factory):
         img.save(root / f"{i}.png")
         rows.append({"title": name, "image": f"{i}.png"})
     (root / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    corpus = os.path.join(os.path.dirname(__file__), "data", "corpus.jsonl")
-    return T.start_server_thread(corpus, str(root / "images.jsonl"))
+    return str(root / "images.jsonl")
 
 
 # ================================================================================================ model.py
@@ -200,18 +203,11 @@ def test_image_search_finds_the_nearest_image(search_url):
 
 
 def test_image_search_min_score_keeps_only_clear_matches(tmp_path):
-    rows = []
-    for i, colour in enumerate([(220, 20, 20), (20, 200, 40), (20, 40, 220)]):
-        img = Image.new("RGB", (48, 48), colour)
-        img.paste((255, 255, 255), (8 * i, 8, 8 * i + 12, 20))
-        img.save(tmp_path / f"{i}.png")
-        rows.append({"title": f"flag {i}", "image": f"{i}.png"})
-    (tmp_path / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    corpus = os.path.join(os.path.dirname(__file__), "data", "corpus.jsonl")
+    index = image_index(tmp_path)
     query = Image.open(tmp_path / "1.png").resize((96, 96))
-    nearest = T.SearchIndex(corpus, str(tmp_path / "images.jsonl")).image(query, 3)
-    strict = T.SearchIndex(corpus, str(tmp_path / "images.jsonl"), min_image_score=0.95).image(query, 3)
-    assert len(nearest) == 3 and [r["title"] for r in strict] == ["flag 1"]
+    nearest = T.SearchIndex(CORPUS, index).image(query, 3)
+    strict = T.SearchIndex(CORPUS, index, min_image_score=0.95).image(query, 3)
+    assert len(nearest) == 3 and [r["title"] for r in strict] == ["Green Park"]
 
 
 def test_search_cache_serves_repeats_and_dead_backend_raises(search_url, tmp_path, monkeypatch):

@@ -28,7 +28,6 @@ import ctypes
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import signal
@@ -84,12 +83,6 @@ def _recv_exact(sock, n):
             raise EOFError("sandbox closed the connection")
         buf += chunk
     return bytes(buf)
-
-
-def _png(img):
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)   # fast: these images live for one trajectory
-    return buf.getvalue()
 
 
 # ---- inside the session process (forked from the zygote) ----
@@ -458,7 +451,9 @@ def text_search(query, k=5, url=None, cache=True):
 
 def image_search(image, k=3, url=None, cache=True):
     """-> (observation text, result images) for a reverse image search, formatted as SPEC section 1."""
-    png = _png(image.convert("RGB"))
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG", compress_level=1)   # fast: the bytes are the cache key and payload
+    png = buf.getvalue()
     fetch = lambda: _post("/lens", {"image_b64": base64.b64encode(png).decode(), "num": k}, url).get("organic", [])[:k]
     results = _cached("image", (url or SEARCH_URL).encode() + png, fetch) if cache else fetch()
     # SPEC's "<image>" marks where each result image goes: here the model's own image placeholder
@@ -521,8 +516,10 @@ class SearchIndex:
             root = os.path.dirname(os.path.abspath(image_index))
             with open(image_index) as f:
                 self.images = [json.loads(line) for line in f if line.strip()]
+            for r in self.images:   # read once: a query then only ranks and returns
+                with open(os.path.join(root, r["image"]), "rb") as f:
+                    r["image_b64"] = base64.b64encode(f.read()).decode()
             self.emb = np.stack([image_embedding(Image.open(os.path.join(root, r["image"]))) for r in self.images])
-            self.image_root = root
 
     def text(self, q, k):
         return [dict(title=d.get("title", ""), link=d.get("link", ""), snippet=d.get("text", ""),
@@ -533,11 +530,8 @@ class SearchIndex:
             return []
         scores = self.emb @ image_embedding(img)
         order = np.argsort(-scores, kind="stable")[:k]
-        out = []
-        for i in order[scores[order] >= self.min_image_score]:
-            with open(os.path.join(self.image_root, self.images[i]["image"]), "rb") as f:
-                out.append(dict(title=self.images[i]["title"], image_b64=base64.b64encode(f.read()).decode()))
-        return out
+        return [dict(title=self.images[i]["title"], image_b64=self.images[i]["image_b64"])
+                for i in order[scores[order] >= self.min_image_score]]
 
 
 def make_server(index, host="127.0.0.1", port=8765):
@@ -644,7 +638,6 @@ def bench(n_parallel=16, repeats=20):
             ("warm call: print", med(lambda: timed(lambda: sb.run("print(1)"))), med(lambda: timed(lambda: fresh("print(1)")))),
             ("warm call: crop + show 1024px", med(lambda: timed(lambda: sb.run(crop))), med(lambda: timed(lambda: fresh(crop))))]
     sb.close()
-    boxes = []
 
     def session(_):
         with Sandbox([img]) as s:

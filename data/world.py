@@ -267,11 +267,10 @@ def pretrain_recall(path, words, steps=600, seed=0):
     it never shows (held-out towns). The task covers every world word alike (train and held-out towns, animals,
     colours, digits) and never shows a question, a tool, a fact or an answer tag. Loss falls from 6.9 to 0.03 in
     ~500 steps (measured); without it the tiny model copies no held-out town into its search query (0%)."""
-    import random as rnd
     import torch
     import model as M
     model, processor = M.load_model(path, device="cpu")
-    tok, rng = processor.tokenizer, rnd.Random(seed)
+    tok, rng = processor.tokenizer, random.Random(seed)
     targets = [tok.convert_tokens_to_ids(w) for w in words] + [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
     filler = sorted(set(range(20, len(tok))) - set(targets) - set(tok.get_added_vocab().values()))   # no tags
     sep = tok.encode(" ->", add_special_tokens=False)
