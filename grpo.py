@@ -190,9 +190,11 @@ def recompute_logprobs(model, trajs, micro):
 def grpo_update(model, opt, trajs, adv, args):
     """One rollout batch -> len(trajs) / (mini_batch * group) optimizer steps, 1 epoch. Returns step metrics."""
     dev = next(model.parameters()).device
-    micro = args.micro_batch
+    micro, per_step = args.micro_batch, args.mini_batch * args.group
+    # by length within each optimizer step (the same sum, so the same step): micro-batches pad less
+    order = sorted(range(len(trajs)), key=lambda k: (k // per_step, len(trajs[k].seq.ids)))
+    trajs, adv = [trajs[k] for k in order], adv[order]
     old = recompute_logprobs(model, trajs, micro)
-    per_step = args.mini_batch * args.group
     stats = []
     for s in range(0, len(trajs), per_step):
         opt.zero_grad(set_to_none=True)

@@ -450,6 +450,21 @@ def test_one_grpo_step_moves_positive_advantage_tokens_up(tiny, search_url):
     assert gain[0] > 0 and gain[0] > gain[1]   # shared tokens may rise in both; the rewarded sequence rises more
 
 
+def test_grpo_update_does_not_depend_on_trajectory_order_within_a_step(tiny):
+    model, processor, _ = tiny   # grpo_update sorts each step's trajectories by length: legal only if order is free
+    trajs = R.rollout(model, processor, [sample()], n=1, script=scripted(["<think>a</think><answer>1</answer>"])) + \
+        R.rollout(model, processor, [sample()], n=1, script=scripted(["<think>a b c d</think><answer>22</answer>"]))
+    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1"])
+    adv = torch.tensor([-1.0, 1.0])
+    updated = []
+    for order in ([0, 1], [1, 0]):
+        work = __import__("copy").deepcopy(model).train()
+        G.grpo_update(work, torch.optim.SGD(work.parameters(), lr=1e-2), [trajs[k] for k in order], adv[order], args)
+        updated.append(torch.cat([p.detach().flatten() for p in work.parameters()]))
+    moved = updated[0] - torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert moved.abs().max() > 1e-4 and torch.allclose(updated[0], updated[1], atol=1e-6)
+
+
 def test_checkpoint_is_atomic_and_resumes(tiny, tmp_path):
     model, processor, _ = tiny
     work = __import__("copy").deepcopy(model)
