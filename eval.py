@@ -141,7 +141,8 @@ def load_qa(path, tolerance):
 
 def load_toy(path):
     root = os.path.dirname(os.path.abspath(path))
-    return [Item(r["id"], r["question"], [r["answer"]], [os.path.join(root, p) for p in r["images"]], [r["category"]],
+    return [Item(r["id"], r["question"], [r["answer"]], [os.path.join(root, p) for p in r["images"]],
+                 [r["category"]] + ([r["wording"] + " wording"] if "wording" in r else []),
                  data_source=r["data_source"], image_paths=r["images"]) for _, r in jsonl_rows(path)]
 
 

@@ -9,6 +9,12 @@ Four RealX-style categories, each needing a tool for real:
   integration   a town's emblem: image search finds the town's name, then text search its animal
 The local search corpus and image index (for `python tools.py serve --min-image-score 0.95`) are generated with the items.
 
+Cold start and RL data differ, as in the paper (RL data is broader than the cold start): the expert's cold-start
+items ask each category in one wording (COLD_QUESTION), while half of the RL prompts and of the held-out items use
+another (NEW_QUESTION: "Count the red dots."). That is where GRPO has something to learn: after SFT the model meets
+a new wording with the wrong tool (asked for "the hue of the tiny dot" it runs a text search), and only the reward
+tells it which tool a question needs (`--new-wording 0`: every question in the cold start's words).
+
 Cold-start trajectories come from a scripted expert (as the authors used strong models): it runs the real tools,
 and a trajectory is kept only when its answer is right and its code ran clean, written in sft.py's format.
 
@@ -49,15 +55,21 @@ SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sa", "bel", "dun", "mor", "t
 ANIMALS = ["otter", "heron", "badger", "falcon", "lynx", "beaver", "raven", "wolf"]
 CATEGORIES = ("recognition", "reasoning", "search", "integration")
 SOURCE = {"recognition": "perception", "reasoning": "reason", "search": "search", "integration": "search"}
-QUESTION = {"recognition": "What colour is the small mark in the picture?",
+COLD_QUESTION = {"recognition": "What colour is the small mark in the picture?",
             "reasoning": "How many red marks are in the picture?",
             "search": "Which animal is the emblem of {name}?",
             "integration": "Which animal is the emblem of the town with this flag?"}
+# Other wordings, only in the RL and held-out splits: the cold start shows one wording a category, RL data is broader
+NEW_QUESTION = {"recognition": "Name the hue of the tiny dot.",
+                "reasoning": "Count the red dots.",
+                "search": "{name}: which creature is on its crest?",
+                "integration": "This flag's town has which creature on its crest?"}
 # The miniature's own short system prompt: the full one is 217 tiny-tokenizer tokens, more than a whole trajectory
 WORLD_PROMPT = ("You are a visual agent. Think in <think> </think>, then act: run python in <code> </code>, or call "
                 "search or image_search in <tool_call> </tool_call>, or answer in <answer> </answer>.")
 WORLD_MAX_PIXELS = 112 * 112   # the model sees 4 x 4 visual tokens per picture: small details are lost
 IMAGE_MATCH = 0.95   # image search returns only flags this similar: one clear match, not the 3 nearest of anything
+NEW_WORDING = 0.5    # the share of RL and held-out questions in words the cold start never showed
 
 
 def entity_names(rng, n):
@@ -105,30 +117,33 @@ def counting_picture(rng, n):
     return img
 
 
-def make_items(rng, split, n, entities, emblems, out):
-    """n items per category; images saved under out/images/. Each entity is used by at most one item."""
+def make_items(rng, split, n, entities, emblems, out, new_wording=0.0, wording_rng=None):
+    """n items per category; images saved under out/images/. Each entity is used by at most one item.
+    new_wording: the share of items asked in NEW_QUESTION's words (drawn by wording_rng: the items stay the same)."""
     items, pool = [], list(entities)
     rng.shuffle(pool)
     for cat in CATEGORIES:
         for i in range(n):
             item_id = f"{split}-{cat}-{i}"
+            new = wording_rng is not None and wording_rng.random() < new_wording
+            asked = NEW_QUESTION if new else COLD_QUESTION
             if cat == "recognition":
                 colour = rng.choice(sorted(PALETTE))
-                img, q, answer = marked_picture(rng, colour), QUESTION[cat], colour
+                img, q, answer = marked_picture(rng, colour), asked[cat], colour
             elif cat == "reasoning":
                 n_marks = rng.randint(1, 9)
-                img, q, answer = counting_picture(rng, n_marks), QUESTION[cat], str(n_marks)
+                img, q, answer = counting_picture(rng, n_marks), asked[cat], str(n_marks)
             else:
                 name = pool.pop()
                 answer = str(entities[name])
                 if cat == "search":
-                    img, q = plain_picture(rng), QUESTION[cat].format(name=name)
+                    img, q = plain_picture(rng), asked[cat].format(name=name)
                 else:
-                    img, q = photo_of(emblems[name], rng), QUESTION[cat]
+                    img, q = photo_of(emblems[name], rng), asked[cat]
             path = f"images/{item_id}.png"
             img.save(os.path.join(out, path))
             items.append(dict(id=item_id, images=[path], question=q, answer=answer, data_source=SOURCE[cat],
-                              category=cat))
+                              category=cat, wording="new" if new else "cold-start"))
     return items
 
 
@@ -202,7 +217,8 @@ def expert_trajectory(item, root, url, image_dir, system_prompt):
 
 
 # ================================================================================================ the world
-def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=25, system_prompt=None):
+def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=25, system_prompt=None,
+          new_wording=NEW_WORDING):
     """Write the world: items for SFT / RL / held-out, the corpus and image index, and the expert's SFT data."""
     rng = random.Random(seed)
     for sub in ("images", "index", "sft_images"):
@@ -226,7 +242,9 @@ def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=
     rng.shuffle(order)
     cuts = {"sft": order[:2 * n_sft], "rl": order[2 * n_sft:2 * (n_sft + n_rl)],
             "heldout": order[2 * (n_sft + n_rl):2 * sum(per_split.values())]}
-    splits = {s: make_items(rng, s, n, {k: entities[k] for k in cuts[s]}, emblems, out) for s, n in per_split.items()}
+    splits = {s: make_items(rng, s, n, {k: entities[k] for k in cuts[s]}, emblems, out,
+                            0.0 if s == "sft" else new_wording, random.Random(f"{seed}-{s}-wording"))
+              for s, n in per_split.items()}
     for s, items in splits.items():
         with open(os.path.join(out, f"{'sft_items' if s == 'sft' else s}.jsonl"), "w") as f:
             f.writelines(json.dumps(it) + "\n" for it in items)
@@ -296,8 +314,8 @@ def pretrain_recall(path, words, steps=600, seed=0):
 
 
 # ================================================================================================ the pipeline
-def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=3,
-             n_sft=128, n_rl=32, n_heldout=25):
+def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=3, rl_epochs=2,
+             n_sft=128, n_rl=32, n_heldout=25, new_wording=NEW_WORDING):
     """World -> tiny model -> SFT -> GRPO -> eval on the held-out split; prints the table, returns its rows."""
     import time
     import eval as E
@@ -305,7 +323,7 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     import model as M
     import sft as S
     t0 = time.time()
-    build(out, seed, n_sft, n_rl, n_heldout)
+    build(out, seed, n_sft, n_rl, n_heldout, new_wording=new_wording)
     base = M.build_tiny(os.path.join(runs, "base"), "mini", seed, corpus=texts(out), words=words(out))
     pretrain_recall(base, words(out), seed=seed)
     url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"),
@@ -330,16 +348,17 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     evaluate("SFT", sft_model)
     G.train(G.parse_args(["--tiny", "--model", sft_model, "--data", os.path.join(out, "rl.jsonl"),
                           "--out", os.path.join(runs, "grpo"), "--search-url", url, *px,
-                          "--system-prompt", os.path.join(out, "system_prompt.txt")]
-                         + (["--steps", str(rl_steps)] if rl_steps else [])))
+                          "--system-prompt", os.path.join(out, "system_prompt.txt"), "--epochs", str(rl_epochs)] + (["--steps", str(rl_steps)] if rl_steps else [])))
     evaluate("SFT+GRPO", os.path.join(runs, "grpo", "checkpoint"))
     evaluate("SFT+GRPO, tools disabled", os.path.join(runs, "grpo", "checkpoint"), tools_on=False)
     print(f"\nthe miniature, held-out split ({len(items)} items), {time.time() - t0:.0f} s on this machine")
-    print(f"{'model':26s} {'overall':>8s} " + " ".join(f"{c:>12s}" for c in CATEGORIES) + f" {'tools/item':>11s}")
+    columns = CATEGORIES + ("cold-start wording", "new wording")
+    print(f"{'model':26s} {'overall':>8s} " + " ".join(f"{c:>12s}" for c in columns) + f" {'tools/item':>11s}")
     for name, r in results.items():
-        print(f"{name:26s} {r['accuracy']:8.1f} " + " ".join(f"{r['groups'].get(c, {}).get('accuracy', 0):12.1f}"
-                                                           for c in CATEGORIES) + f" {r['tool_calls_per_item']:11.2f}")
-    print(json.dumps({name: dict(accuracy=round(r["accuracy"], 1), tool_calls_per_item=round(r["tool_calls_per_item"], 2))
+        cells = [f"{r['groups'].get(c, {}).get('accuracy', 0):{max(12, len(c))}.1f}" for c in columns]
+        print(f"{name:26s} {r['accuracy']:8.1f} " + " ".join(cells) + f" {r['tool_calls_per_item']:11.2f}")
+    print(json.dumps({name: dict(accuracy=round(r["accuracy"], 1), tool_calls_per_item=round(r["tool_calls_per_item"], 2),
+                                 new_wording=round(r["groups"].get("new wording", {}).get("accuracy", 0.0), 1))
                       for name, r in results.items()}))
     return results
 
@@ -353,12 +372,16 @@ def main():
     ap.add_argument("--heldout", type=int, default=25, help="held-out items per category")
     ap.add_argument("--pipeline", action="store_true", help="then train and evaluate the tiny model end to end")
     ap.add_argument("--runs", default="runs/mini", help="--pipeline: folder of its models and evaluations")
-    ap.add_argument("--rl-steps", type=int, help="--pipeline: GRPO rollout batches (default: one pass over RL prompts)")
+    ap.add_argument("--rl-steps", type=int, help="--pipeline: stop GRPO after this many rollout batches")
+    ap.add_argument("--rl-epochs", type=float, default=2, help="--pipeline: GRPO passes over the RL prompts")
     ap.add_argument("--sft-epochs", type=float, default=3, help="--pipeline: SFT epochs")
+    ap.add_argument("--new-wording", type=float, default=NEW_WORDING,
+                    help="share of RL and held-out questions worded as the cold start never shows (0: none)")
     args = ap.parse_args()
     if args.pipeline:
-        return pipeline(args.out, args.runs, args.seed, args.rl_steps, args.sft_epochs, args.sft, args.rl, args.heldout)
-    build(args.out, args.seed, args.sft, args.rl, args.heldout)
+        return pipeline(args.out, args.runs, args.seed, args.rl_steps, args.sft_epochs, args.rl_epochs, args.sft,
+                        args.rl, args.heldout, args.new_wording)
+    build(args.out, args.seed, args.sft, args.rl, args.heldout, new_wording=args.new_wording)
 
 
 if __name__ == "__main__":
