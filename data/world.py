@@ -56,9 +56,9 @@ ANIMALS = ["otter", "heron", "badger", "falcon", "lynx", "beaver", "raven", "wol
 CATEGORIES = ("recognition", "reasoning", "search", "integration")
 SOURCE = {"recognition": "perception", "reasoning": "reason", "search": "search", "integration": "search"}
 COLD_QUESTION = {"recognition": "What colour is the small mark in the picture?",
-            "reasoning": "How many red marks are in the picture?",
-            "search": "Which animal is the emblem of {name}?",
-            "integration": "Which animal is the emblem of the town with this flag?"}
+                 "reasoning": "How many red marks are in the picture?",
+                 "search": "Which animal is the emblem of {name}?",
+                 "integration": "Which animal is the emblem of the town with this flag?"}
 # Other wordings, only in the RL and held-out splits: the cold start shows one wording a category, RL data is broader
 NEW_QUESTION = {"recognition": "Name the hue of the tiny dot.",
                 "reasoning": "Count the red dots.",
@@ -219,7 +219,8 @@ def expert_trajectory(item, root, url, image_dir, system_prompt):
 # ================================================================================================ the world
 def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=25, system_prompt=None,
           new_wording=NEW_WORDING):
-    """Write the world: items for SFT / RL / held-out, the corpus and image index, and the expert's SFT data."""
+    """Write the world: items for SFT / RL / held-out, the corpus and image index, and the expert's SFT data.
+    new_wording: the share of RL and held-out questions in NEW_QUESTION's words (the SFT items: none)."""
     rng = random.Random(seed)
     for sub in ("images", "index", "sft_images"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
@@ -348,7 +349,8 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     evaluate("SFT", sft_model)
     G.train(G.parse_args(["--tiny", "--model", sft_model, "--data", os.path.join(out, "rl.jsonl"),
                           "--out", os.path.join(runs, "grpo"), "--search-url", url, *px,
-                          "--system-prompt", os.path.join(out, "system_prompt.txt"), "--epochs", str(rl_epochs)] + (["--steps", str(rl_steps)] if rl_steps else [])))
+                          "--system-prompt", os.path.join(out, "system_prompt.txt"), "--epochs", str(rl_epochs)]
+                         + (["--steps", str(rl_steps)] if rl_steps else [])))
     evaluate("SFT+GRPO", os.path.join(runs, "grpo", "checkpoint"))
     evaluate("SFT+GRPO, tools disabled", os.path.join(runs, "grpo", "checkpoint"), tools_on=False)
     print(f"\nthe miniature, held-out split ({len(items)} items), {time.time() - t0:.0f} s on this machine")
@@ -357,8 +359,9 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     for name, r in results.items():
         cells = [f"{r['groups'].get(c, {}).get('accuracy', 0):{max(12, len(c))}.1f}" for c in columns]
         print(f"{name:26s} {r['accuracy']:8.1f} " + " ".join(cells) + f" {r['tool_calls_per_item']:11.2f}")
-    print(json.dumps({name: dict(accuracy=round(r["accuracy"], 1), tool_calls_per_item=round(r["tool_calls_per_item"], 2),
-                                 new_wording=round(r["groups"].get("new wording", {}).get("accuracy", 0.0), 1))
+    print(json.dumps({name: dict(accuracy=round(r["accuracy"], 1),
+                                 new_wording=round(r["groups"].get("new wording", {}).get("accuracy", 0.0), 1),
+                                 tool_calls_per_item=round(r["tool_calls_per_item"], 2))
                       for name, r in results.items()}))
     return results
 
