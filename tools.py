@@ -446,7 +446,7 @@ def text_search(query, k=5, url=None, cache=True):
         item += "\n" + (f"\n{r['snippet']}" if r.get("snippet") else "")
         items.append(item)
     text = f"A Google search for '{query}' found {len(results)} results:\n\n## Web Results\n" + "\n\n".join(items)
-    return f"<tool_response>\n{text}\n</tool_response>".strip(), []
+    return f"<tool_response>\n{text}\n</tool_response>", []
 
 
 def image_search(image, k=3, url=None, cache=True):
@@ -462,7 +462,7 @@ def image_search(image, k=3, url=None, cache=True):
     text = f"A Google image search for the image found {len(results)} results:\n\n## Web Results\n" + "\n\n".join(items)
     images = [Image.open(io.BytesIO(base64.b64decode(r["image_b64"]))).convert("RGB") for r in results
               if r.get("image_b64")]
-    return f"<tool_response>\n{text}\n</tool_response>".strip(), images
+    return f"<tool_response>\n{text}\n</tool_response>", images
 
 
 # ---- the embedded backend: BM25 over a JSONL corpus, nearest neighbour over an image folder ----
@@ -516,10 +516,13 @@ class SearchIndex:
             root = os.path.dirname(os.path.abspath(image_index))
             with open(image_index) as f:
                 self.images = [json.loads(line) for line in f if line.strip()]
-            for r in self.images:   # read once: a query then only ranks and returns
+            embeddings = []
+            for r in self.images:   # each file read once, here: a query then only ranks and returns
                 with open(os.path.join(root, r["image"]), "rb") as f:
-                    r["image_b64"] = base64.b64encode(f.read()).decode()
-            self.emb = np.stack([image_embedding(Image.open(os.path.join(root, r["image"]))) for r in self.images])
+                    raw = f.read()
+                r["image_b64"] = base64.b64encode(raw).decode()
+                embeddings.append(image_embedding(Image.open(io.BytesIO(raw))))
+            self.emb = np.stack(embeddings)
 
     def text(self, q, k):
         return [dict(title=d.get("title", ""), link=d.get("link", ""), snippet=d.get("text", ""),

@@ -117,7 +117,7 @@ def counting_picture(rng, n):
     return img
 
 
-def make_items(rng, split, n, entities, emblems, out, new_wording=0.0, wording_rng=None):
+def make_items(rng, split, n, entities, emblems, out, new_wording, wording_rng):
     """n items per category; images saved under out/images/. Each entity is used by at most one item.
     new_wording: the share of items asked in NEW_QUESTION's words (drawn by wording_rng: the items stay the same)."""
     items, pool = [], list(entities)
@@ -125,7 +125,7 @@ def make_items(rng, split, n, entities, emblems, out, new_wording=0.0, wording_r
     for cat in CATEGORIES:
         for i in range(n):
             item_id = f"{split}-{cat}-{i}"
-            new = wording_rng is not None and wording_rng.random() < new_wording
+            new = wording_rng.random() < new_wording
             asked = NEW_QUESTION if new else COLD_QUESTION
             if cat == "recognition":
                 colour = rng.choice(sorted(PALETTE))
