@@ -1,20 +1,23 @@
 """grpo.py -- reinforcement learning over multi-turn tool rollouts: the paper's reward and GRPO, hand-written.
 
-  compute_reward(response, answer, data_source, ...)   SPEC section 4: 0.8 * accuracy + 0.2 * format, search cost
+  compute_reward(response, answer, data_source, ...)   the original's: 0.8 * accuracy + 0.2 * format, search cost, judge
   group_advantages(rewards, group_size)                (r - group mean) / (unbiased group std + 1e-6)
   policy_loss(logp, old_logp, adv, mask)               PPO clip 0.2 / 0.2, dual clip 3.0, per-sequence token mean
 
 The loop: prompts -> rollout n per prompt -> rewards (judge calls in parallel) -> old log-probs recomputed by the
 trainer -> mini-batch updates -> metrics JSONL -> atomic, resumable checkpoint. Defaults are the paper's.
 
-Deliberate choices: no KL and no reference model, no entropy bonus, zero-variance groups kept (advantage 0), as the
-authors ran it; `--kl` and `--drop-flat-groups` turn those on. Trajectories that hit an infrastructure error
-(sandbox or search backend down, judge unreachable) get advantage 0: they are counted, never learned from.
+The reward is the original's, judge prompts and verdicts included (data/PROTOCOL.md, Reward); without a judge the
+rules decide (`rule_score`, which eval uses too). As the authors ran it: no KL and no reference model, no entropy
+bonus, zero-variance groups kept (advantage 0); `--kl` and `--drop-flat-groups` turn those on. Deliberate choice:
+trajectories that hit an infrastructure error (sandbox or search backend down, judge unreachable or without a
+verdict) get advantage 0: they are counted, never learned from (the original scored them as wrong answers).
 
 Commands:
-  python grpo.py --model PATH --data rl.jsonl                   # the paper's settings (one 80 GB GPU: see README)
-  python grpo.py --tiny --model runs/mini/sft/checkpoint --data data/world/rl.jsonl --out runs/grpo   # CPU preset
-  python grpo.py convert DeepEyesV2_RL/*.parquet --out rl_data   # released parquet -> our JSONL (needs pyarrow)
+  python grpo.py convert DeepEyesV2_RL/*.parquet --out rl_data   # released parquet -> our JSONL, prompts kept
+  python grpo.py --model PATH --data rl_data/rl.jsonl --judge-url URL --image-search-cache FILE   # the paper's
+  python grpo.py --tiny --model runs/mini/sft/checkpoint --data data/world/rl.jsonl --out runs/grpo \
+      --prompt data/world/world_system_prompt.txt                # the CPU preset, on the miniature world
   python grpo.py --bench 7b --micro-batch 1                     # peak memory + time of a 7B GRPO step (GPU)
 """
 import argparse
@@ -32,11 +35,12 @@ import torch
 
 import model as M
 import rollout as R
+import tools
 
 
 # ================================================================================================ the reward
 def format_ok(response, data_source):
-    """SPEC 4 format rules on the decoded response (tool outputs included)."""
+    """The original's format rules on the decoded response (tool outputs included)."""
     text = response if response.lstrip().startswith("<think>") else "<think>" + response   # leading <think> assumed
     if text.count("<think>") != text.count("</think>") or text.count("<think>") == 0:
         return False
@@ -50,8 +54,28 @@ def format_ok(response, data_source):
     return tail.split("<answer>", 1)[1].split("</answer>", 1)[0].strip() != ""
 
 
+def compute_reward(response, answer, data_source, question="", judge=None, judge_mode="all"):
+    """0.8 * accuracy + 0.2 * format, as the original (reward_score/deepeyesv2.py). Perception and search answers
+    of >= 300 characters get accuracy 0 and format 0 (no judge hacking; the original's math scorer has no such rule).
+    A search-type trajectory that called a tool pays 10% of its accuracy term; the reported `acc` is not reduced."""
+    pred = tools.extract_answer(response)
+    fmt = float(format_ok(response, data_source))
+    if data_source != "reason" and pred is not None and len(pred) >= 300:
+        return dict(score=0.0, acc=0.0, format=0.0, judged=False)
+    acc, judged = rule_score(pred, answer, question), False
+    if judge is not None and pred and (judge_mode == "all" or not acc):   # the paper judges every answer
+        acc, judged = (judge.math(question, answer, normalize_final_answer(pred)) if data_source == "reason"
+                       else judge.perception(question, answer, pred)), True
+    cost = 0.9 if data_source == "search" and "<tool_call>" in response else 1.0
+    return dict(score=0.8 * acc * cost + 0.2 * fmt, acc=acc, format=fmt, judged=judged)
+
+
+# ---- the rule scorer: the offline judge, and the one scorer of training (compute_reward) and evaluation (eval.py)
+LETTERS = "ABCDEFGH"
+
+
 def normalize(s):
-    """Minerva-style normalisation: drop \\boxed, \\text, $, units-ish trailing words, thousands separators."""
+    """Text for comparison: \\boxed / \\text unwrapped, $ and separators dropped, lower case, no articles."""
     s = str(s).strip()
     s = re.sub(r"\\boxed\{(.*)\}", r"\1", s)
     s = re.sub(r"\\text(?:bf)?\{(.*?)\}", r"\1", s)
@@ -75,74 +99,126 @@ def as_number(s):
 
 
 def choice_letter(s):
-    """The option letter of a multiple-choice answer: "B", "(B)", "B. text", "Option B", "the answer is B"."""
-    m = re.fullmatch(r"\s*(?:\(?(?:option\s+)?([A-Ea-e])\)?[.:)]?)(?:\s.*)?", str(s), re.DOTALL)
+    """The option letter of a multiple-choice answer: "B", "(B)", "B. text", "Option B" (letters A-H)."""
+    m = re.fullmatch(r"\s*(?:\(?(?:option\s+)?([A-Ha-h])\)?[.:)]?)(?:\s.*)?", str(s), re.DOTALL)
     return m.group(1).upper() if m else None
 
 
-def rule_judge(pred, gold, tolerance=1e-4):
-    """1.0 if `pred` matches `gold` by rules: option letter, number within relative tolerance, normalised text."""
-    if pred is None:
+def parse_options(question):
+    """Option texts written in a question ("A. red", "(B) blue", "C: green", one a line), in letter order."""
+    found = dict(re.findall(r"(?m)^\s*\(?([A-H])[.):]\s*(.+?)\s*$", str(question)))
+    letters = LETTERS[:len(found)]
+    return [found[x] for x in letters] if found and all(x in found for x in letters) else []
+
+
+def rule_score(pred, gold, question="", options=None, tolerance=1e-4):
+    """1.0 if `pred` answers `gold` by rules, else 0.0. Multiple choice (gold a letter, or an option's text): the
+    option's text or its letter, A-H; otherwise any of gold's " or " alternatives as a number within `tolerance`
+    (relative) or as normalised text. `options` default to those written in the question."""
+    if pred is None or not str(pred).strip():
         return 0.0
-    if re.fullmatch(r"[A-E]", str(gold).strip()):
-        return float(choice_letter(pred) == str(gold).strip())
-    a, b = as_number(pred), as_number(gold)
-    if a is not None and b is not None:
-        return float(abs(a - b) <= tolerance * max(1.0, abs(b)))
-    return float(normalize(pred) == normalize(gold))
+    options = parse_options(question) if options is None else list(options)
+    texts = [normalize(o) for o in options]
+    gold = str(gold).strip()
+    if normalize(gold) in texts and not re.fullmatch(r"[A-H]", gold):
+        gold = LETTERS[texts.index(normalize(gold))]       # the gold given as the option's text
+    if re.fullmatch(r"[A-H]", gold):
+        # the option text first: "a cat" is option B's text, not the letter "a"
+        letter = LETTERS[texts.index(normalize(pred))] if normalize(pred) in texts else choice_letter(pred)
+        return float(letter == gold)
+    alternatives = [gold] + ([g.strip() for g in gold.split(" or ")] if " or " in gold else [])   # RealX style
+    for alt in alternatives:
+        a, b = as_number(pred), as_number(alt)
+        if (a is not None and b is not None and abs(a - b) <= tolerance * max(1.0, abs(b))) or \
+                normalize(pred) == normalize(alt):
+            return 1.0
+    return 0.0
+
+
+# ---- the LLM judge, as the original (its prompts are data/prompts/judge_*, math_judge_prompt.txt)
+def normalize_final_answer(answer):
+    """Minerva-style normalisation of a math answer, as the original applies it before the math judge: the text
+    after the last "=", unit words and \\text{} removed, $...$ kept, \\boxed{} unwrapped, \\fracab ->
+    \\frac{a}{b}, digits with commas joined."""
+    answer = answer.split("=")[-1]
+    for before, after in MINERVA_SUBSTITUTIONS:
+        answer = answer.replace(before, after)
+    for expr in MINERVA_REMOVED:
+        answer = answer.replace(expr, "")
+    answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", answer)
+    for macro in ("text", "textbf", "overline"):
+        answer = re.sub(r"(\\" + macro + r"\{)(.*?)(\})", "\\2", answer)
+    answer = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", answer)
+    answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", answer)
+    answer = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", answer).replace("$", "")
+    if answer.replace(",", "").isdigit():
+        answer = answer.replace(",", "")
+    return answer.strip()
+
+
+MINERVA_SUBSTITUTIONS = [("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), (r"\ ", ""), (" ", ""), ("mbox", "text"),
+                         (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}")]
+MINERVA_REMOVED = ["square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots", "sue",
+                   "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals",
+                   "edges", "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}",
+                   "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}", r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;",
+                   r",\!", "{,}", '"', "\\dots"]
 
 
 class JudgeError(RuntimeError):
-    """The LLM judge could not be reached: an infrastructure error, never a wrong answer."""
+    """The LLM judge could not be reached or gave no verdict: an infrastructure error, never a wrong answer."""
+
+
+def read_prompt(name):
+    with open(os.path.join(R.PROMPTS, name), encoding="utf-8") as f:
+        return f.read()
 
 
 class LLMJudge:
-    """An OpenAI-compatible chat endpoint that decides whether an answer means the same as the reference."""
-    PROMPT = ("Judge whether the candidate answer means the same as the reference answer for the question. For math, "
-              "judge mathematical equivalence and ignore units and formatting.\nQuestion: {q}\nReference: {gold}\n"
-              "Candidate: {pred}\nReply with exactly one word: Yes or No.")
+    """The original's judge (the paper: Qwen2.5-72B-Instruct behind an OpenAI-compatible server).
+    perception / search: the Chinese judge prompt, temperature 0.3, verdict `\\boxed{Yes}` (inside <最终结果>).
+    reason: the math-equivalence prompt as one user message, temperature 0.5, verdict after `## Equivalence Judgement`.
+    A reply with no verdict in it raises JudgeError (the original scored it 0: a silent wrong answer)."""
+    SYSTEM, USER, MATH = (read_prompt(n) for n in ("judge_system_prompt.md", "judge_user_prompt.txt",
+                                                   "math_judge_prompt.txt"))
 
-    def __init__(self, url, model, api_key=None, timeout=60, retries=3, temperature=0.3):
-        self.url, self.model, self.timeout, self.retries, self.temperature = url.rstrip("/"), model, timeout, retries, \
-            temperature
+    def __init__(self, url, model, api_key=None, timeout=120, retries=3):
+        self.url, self.model, self.timeout, self.retries = url.rstrip("/"), model, timeout, retries
         self.api_key = api_key or os.environ.get("JUDGE_API_KEY", "EMPTY")
 
-    def __call__(self, question, pred, gold):
-        body = dict(model=self.model, temperature=self.temperature, max_tokens=8, messages=[
-            {"role": "user", "content": self.PROMPT.format(q=question, gold=gold, pred=pred)}])
+    def perception(self, question, gold, pred):
+        reply = self.chat([{"role": "system", "content": self.SYSTEM},
+                           {"role": "user", "content": self.USER.format(question=question, answer=gold,
+                                                                        prediction=pred)}], 0.3, max_tokens=8192)
+        verdict = reply.split("<最终结果>")[-1].split("<\\最终结果>")[0]
+        if "boxed{" not in verdict:
+            raise JudgeError(f"judge reply has no \\boxed verdict: {reply[-200:]!r}")
+        return float("Yes" in verdict.split("boxed{")[-1].split("}")[0])
+
+    def math(self, question, gold, pred):
+        if not pred:
+            return 0.0
+        reply = self.chat([{"role": "user", "content": self.MATH.format(query=question, gold_ans=gold,
+                                                                        pred_ans=pred)}], 0.5)
+        verdict = reply.split("## Equivalence Judgement")[-1].lower()
+        if ("true" in verdict) == ("false" in verdict):
+            raise JudgeError(f"judge reply has no TRUE / FALSE verdict: {reply[-200:]!r}")
+        return float("true" in verdict)
+
+    def chat(self, messages, temperature, max_tokens=None):
+        body = dict(model=self.model, messages=messages, temperature=temperature,
+                    **({"max_tokens": max_tokens} if max_tokens else {}))
         last = None
         for attempt in range(self.retries):
             try:
                 r = requests.post(self.url + "/chat/completions", json=body, timeout=self.timeout,
                                   headers={"Authorization": f"Bearer {self.api_key}"})
                 r.raise_for_status()
-                verdict = re.search(r"\b(yes|no)\b", r.json()["choices"][0]["message"]["content"], re.I)
-                if verdict:
-                    return float(verdict.group(1).lower() == "yes")
-                last = "no Yes/No in the reply"
-            except (requests.RequestException, KeyError, IndexError, ValueError) as e:
+                return str(r.json()["choices"][0]["message"]["content"]).strip()
+            except (requests.RequestException, KeyError, IndexError, TypeError, ValueError) as e:
                 last = str(e)[:200]
             time.sleep(0.5 * 2 ** attempt)
         raise JudgeError(f"judge {self.url} failed after {self.retries} tries: {last}")
-
-
-def extract_answer(response):
-    answers = re.findall(r"<answer>(.*?)</answer>", response, re.DOTALL)
-    return answers[-1].strip() if answers else None
-
-
-def compute_reward(response, answer, data_source, question="", judge=None):
-    """SPEC 4: score = 0.8 * acc + 0.2 * format; answers of >= 300 characters get 0 and 0 (no judge hacking)."""
-    pred = extract_answer(response)
-    if pred is not None and len(pred) >= 300:
-        return dict(score=0.0, acc=0.0, format=0.0)
-    fmt = float(format_ok(response, data_source))
-    acc = rule_judge(pred, answer)
-    if not acc and judge is not None and pred:   # rules first, the judge for what rules cannot decide
-        acc = judge(question, pred, answer)
-    if data_source == "search" and "<tool_call>" in response:
-        acc *= 0.9                               # a small cost per searched trajectory
-    return dict(score=0.8 * acc + 0.2 * fmt, acc=acc, format=fmt)
 
 
 # ================================================================================================ GRPO core
@@ -165,14 +241,15 @@ def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_cli
     return per_seq.mean(), clip_frac
 
 
-def score_all(trajs, judge=None, workers=16):
+def score_all(trajs, judge=None, judge_mode="all", workers=16):
     """Rewards for every trajectory, judge calls in parallel; judge failures are counted, not scored."""
     def one(t):
         try:
-            t.reward = compute_reward(t.response, t.sample.answer, t.sample.data_source, t.sample.question, judge)
+            t.reward = compute_reward(t.response, t.sample.answer, t.sample.data_source, t.sample.question, judge,
+                                      judge_mode)
         except JudgeError:
             t.infra_errors += 1
-            t.reward = dict(score=0.0, acc=0.0, format=0.0)
+            t.reward = dict(score=0.0, acc=0.0, format=0.0, judged=False)
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, trajs))
 
@@ -217,10 +294,12 @@ def grpo_update(model, opt, trajs, adv, args):
             (loss * len(chunk) / min(per_step, len(trajs) - s)).backward()   # sequences weigh the same in the mean
             clip.append(cf.item())
             ent.append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-        opt.step()
-        stats.append(dict(clip_frac=sum(clip) / len(clip), entropy=sum(ent) / len(ent), grad_norm=gnorm))
-    return {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
+        gnorm, stepped = M.finite_step(opt, [p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        stats.append(dict(clip_frac=sum(clip) / len(clip), entropy=sum(ent) / len(ent), grad_norm=gnorm,
+                          non_finite_steps=float(not stepped)))
+    out = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
+    out["non_finite_steps"] = sum(d["non_finite_steps"] for d in stats)   # skipped, never applied (a count)
+    return out
 
 
 def batch_metrics(trajs):
@@ -231,26 +310,55 @@ def batch_metrics(trajs):
                 response_tokens=mean(lambda t: len(t.seq.ids) - t.prompt_len),
                 code_calls=mean(lambda t: t.calls["code"]), search_calls=mean(lambda t: t.calls["search"]),
                 image_search_calls=mean(lambda t: t.calls["image_search"]),
+                judged=mean(lambda t: t.reward.get("judged", False)),   # the rest the rules decided
                 infra_errors=sum(t.infra_errors for t in trajs))
 
 
 # ================================================================================================ data
 def load_prompts(path):
-    """JSONL rows {images: [paths relative to the file], question, answer, data_source, id}."""
-    from PIL import Image
-    root, samples = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
+    """JSONL rows {images: [paths relative to the file], question, answer, data_source, id[, prompt]}; `prompt`,
+    the chat messages a released row was trained with ("<image>" where its images go), is used as given. Every row
+    is checked here (its images decoded once): a bad one is reported with its line, skipped and counted."""
+    root, samples, bad = os.path.dirname(os.path.abspath(path)), [], 0
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                images = [Image.open(os.path.join(root, p)).convert("RGB") for p in row.get("images", [])]
-                samples.append(R.Sample(images, row["question"], str(row["answer"]), row.get("data_source", "reason"),
-                                        str(row.get("id", n))))
-            except (ValueError, KeyError, OSError) as e:
-                print(f"{path}:{n}: skipped ({e})", file=sys.stderr)
+                samples.append(prompt_row(json.loads(line), root, n))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                print(f"{path}:{n}: skipped ({str(e)[:200]})", file=sys.stderr)
+                bad += 1
+    if bad:
+        print(f"{path}: {bad} bad rows skipped, {len(samples)} prompts kept", file=sys.stderr)
     return samples
+
+
+def prompt_row(row, root, n):
+    """One RL row -> Sample, or ValueError saying what is wrong with it."""
+    if not isinstance(row, dict):
+        raise ValueError("a row must be a JSON object")
+    images, question, answer = row.get("images") or [], row.get("question"), row.get("answer")
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError("images must be a list of paths")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question must be a non-empty string")
+    if isinstance(answer, list) and answer and all(isinstance(a, (str, int, float)) for a in answer):
+        answer = " or ".join(str(a) for a in answer)   # alternatives, as the rule scorer reads them
+    if not isinstance(answer, (str, int, float)) or not str(answer).strip():
+        raise ValueError("answer must be a string (or a list of alternatives)")
+    if row.get("data_source", "reason") not in ("perception", "reason", "search"):
+        raise ValueError(f"data_source must be perception, reason or search, not {row.get('data_source')!r}")
+    prompt = row.get("prompt")
+    if prompt is not None:
+        if not isinstance(prompt, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                   for m in prompt):
+            raise ValueError("prompt must be a list of chat messages with string contents")
+        holes = sum(m["content"].count("<image>") for m in prompt)
+        if holes != len(images):
+            raise ValueError(f"prompt has {holes} <image> placeholders for {len(images)} images")
+    return R.Sample([M.load_image(os.path.join(root, p)) for p in images], question, str(answer),
+                    row.get("data_source", "reason"), str(row.get("id", n)), prompt)
 
 
 def convert(parquets, out):
@@ -270,26 +378,31 @@ def convert(parquets, out):
                         g.write(img["bytes"])
                     names.append(name)
                 question = extra.get("question") or re.sub(r"<image>", "", row["prompt"][-1]["content"]).strip()
+                prompt = [dict(role=m["role"], content=m["content"]) for m in row.get("prompt") or []] or None
                 f.write(json.dumps(dict(images=names, question=question, data_source=row.get("data_source", "reason"),
-                                        answer=row["reward_model"]["ground_truth"], id=extra.get("index", i))) + "\n")
+                                        answer=row["reward_model"]["ground_truth"], id=extra.get("index", i),
+                                        prompt=prompt), ensure_ascii=False) + "\n")
     print(f"wrote {out}/rl.jsonl")
 
 
 # ================================================================================================ the loop
 def train(args):
     torch.manual_seed(args.seed)
-    ckpt = os.path.join(args.out, "checkpoint")
-    resume = args.resume and os.path.exists(ckpt)
-    model, processor = M.load_model(ckpt if resume else args.model)
+    samples = load_prompts(args.data)
+    if not samples:
+        sys.exit(f"error: no usable RL prompts in {args.data}")
+    ckpt = M.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
+    model, processor = M.load_model(ckpt or args.model)
     if args.grad_ckpt:
         M.set_gradient_checkpointing(model, True)
     if args.freeze_embeddings:   # tied: the output projection too (why: sft.py's docstring)
         model.get_input_embeddings().weight.requires_grad_(False)
-    samples = load_prompts(args.data)
     random.Random(args.seed).shuffle(samples)   # a batch mixes sources, the same order on a resume
     opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    step = M.load_checkpoint(args.out, opt) if resume else 0
+    step = M.load_checkpoint(ckpt, opt) if ckpt else 0
     judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
+    prompt = R.load_prompt(args.prompt)   # for rows that carry no prompt of their own
+    image_cache = tools.ImageSearchCache(args.image_search_cache) if args.image_search_cache else None
     os.makedirs(args.out, exist_ok=True)
     n_batches = min(args.steps, math.ceil(len(samples) * args.epochs / args.prompts))
     for step in range(step, n_batches):
@@ -299,9 +412,10 @@ def train(args):
         trajs = R.rollout(model, processor, prompts, n=args.group, temperature=args.temperature,
                           top_p=args.top_p, max_turns=args.max_turns, search_url=args.search_url,
                           max_response_tokens=args.max_response_tokens, max_turn_tokens=args.max_turn_tokens,
-                          max_pixels=args.max_pixels, system_prompt=R.load_system_prompt(args.system_prompt))
+                          max_pixels=args.max_pixels, prompt=prompt, image_search_cache=image_cache)
         t1 = time.time()
-        score_all(trajs, judge)
+        score_all(trajs, judge, args.judge_mode)
+        rollout_metrics = batch_metrics(trajs)
         adv = group_advantages([t.reward["score"] for t in trajs], args.group)   # <- the advantage
         adv[torch.tensor([t.infra_errors > 0 for t in trajs])] = 0.0            # never learn from broken tools
         if args.drop_flat_groups:
@@ -316,7 +430,7 @@ def train(args):
         t2 = time.time()
         model.train()
         upd = grpo_update(model, opt, trajs, adv, args) if trajs else {}
-        metrics = dict(step=step + 1, **batch_metrics(trajs or [t]), **upd, t_rollout=t1 - t0, t_reward=t2 - t1,
+        metrics = dict(step=step + 1, **rollout_metrics, **upd, t_rollout=t1 - t0, t_reward=t2 - t1,
                        t_update=time.time() - t2)
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -384,7 +498,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-response-tokens", type=int, default=16384, help="response budget, observations included")
     ap.add_argument("--max-pixels", type=int, default=M.RL_MAX_PIXELS, help="pixel cap of input images")
     ap.add_argument("--search-url", default=None, help="search backend (default $DEEPEYES_SEARCH_URL or local)")
-    ap.add_argument("--system-prompt", help="file with a system prompt to use instead of rollout.SYSTEM_PROMPT")
+    ap.add_argument("--prompt", default="agent", help="prompt for rows without their own: agent (code + text and "
+                    "image search), code, direct (data/prompts/, the original's), or a system prompt file")
+    ap.add_argument("--image-search-cache", help="the released image-search cache JSON (keyed by the row's id): "
+                    "image search answers from it, as the original, instead of the search backend")
+    ap.add_argument("--judge-mode", choices=["all", "rules-first"], default="all", help="with a judge: judge every "
+                    "answer (the paper), or only those the rules reject (cheaper; metrics say how many were judged)")
     ap.add_argument("--judge-url", default=os.environ.get("JUDGE_URL"), help="OpenAI-compatible judge base URL "
                     "(default $JUDGE_URL; none: the rule judge only)")
     ap.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", "Qwen2.5-72B-Instruct"), help="judge model")
@@ -393,6 +512,7 @@ def parse_args(argv=None):
     ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
     ap.add_argument("--save-every", type=int, default=10, help="checkpoint every N rollout batches")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    ap.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     ap.add_argument("--seed", type=int, default=0, help="random seed")
     ap.add_argument("--tiny", action="store_true", help="CPU preset: group 4, 8 prompts, mini-batch 4, lr 2e-5, "
                     "short turns, frozen embeddings")
@@ -406,6 +526,11 @@ def parse_args(argv=None):
         for k, v in preset.items():
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, v)
+    M.check_args(ap, args, positive=("prompts", "mini_batch", "micro_batch", "epochs", "steps", "lr", "grad_clip",
+                                     "max_turns", "max_turn_tokens", "max_response_tokens", "max_pixels",
+                                     "save_every"))
+    if args.group < 2:   # a group of one has no spread: its advantage would be 0 / 0
+        ap.error(f"--group must be >= 2 (got {args.group}): GRPO compares the samples of one prompt")
     return args
 
 

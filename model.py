@@ -3,11 +3,11 @@
 Everything above this file (rollout, sft, grpo, eval) talks to the model only through:
   load_model(name_or_path)       -> (model, processor)   real 7B from the hub / a folder, or the tiny model
   build_tiny(path, preset)       -> path                  a random-weight Qwen2.5-VL in miniature, saved like the hub
-  prepare_image(img, ...)        -> PIL.Image             SPEC section 1 image rules (aspect, min side, smart resize)
+  prepare_image(img, ...)        -> PIL.Image             the image rules (aspect, min side, smart resize)
   encode(processor, text, imgs)  -> Seq                   token ids + image tensors, placeholders expanded
   token_logprobs(model, seqs)    -> [B, T] tensor         log p(token_t | tokens_<t) with explicit M-RoPE positions
 
-Deliberate choices (see ../shared/PLATFORM.md for why):
+Deliberate choices (each measured on transformers 5.x):
 - No torchvision: the processor is a Qwen2_5_VLProcessor subclass without the video processor.
 - Positions are always computed here with get_rope_index and passed explicitly; the model's cached `rope_deltas`
   are never relied on (they silently corrupt positions when trajectories are interleaved).
@@ -17,6 +17,8 @@ Commands:
   python model.py --tiny /tmp/tiny          # build and save a tiny random model, then reload it and score a sample
 """
 import argparse
+import io
+import json
 import math
 import os
 import sys
@@ -36,15 +38,20 @@ except ImportError:   # older 5.x (the GPU machines' 5.17)
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-RL_MAX_PIXELS = 16384 * 28 * 28   # SPEC 1: RL / eval
-SFT_MAX_PIXELS = 512 * 512        # SPEC 6: cold-start SFT
+RL_MAX_PIXELS = 16384 * 28 * 28   # RL / eval (data/PROTOCOL.md, Images)
+SFT_MAX_PIXELS = 512 * 512        # cold-start SFT
 MIN_PIXELS = 56 * 56
 FACTOR = 28                       # patch 14 x merge 2: one LLM token per 28x28 pixels
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-# Protocol tags are single tokens in the tiny tokenizer (the 7B splits some of them; nothing below depends on that).
-TAG_TOKENS = ["<think>", "</think>", "<code>", "</code>", "<answer>", "</answer>", "<tool_call>", "</tool_call>",
-              "<tool_response>", "</tool_response>", "```python", "```"]
+# Qwen2.5's added tokens after its 151,643 byte-level BPE ranks (ids 151643..151664, as the hub's tokenizer_config);
+# <tool_call> and </tool_call> are added but not special. Every other protocol tag (<think>, <code>, ...) is plain text.
+QWEN_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+              "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+              "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+              "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                    r"\s*[\r\n]+|\s+(?!\S)|\s+")
 # The Qwen2.5-VL chat template, restricted to what the protocol uses (system / user / assistant, text + images).
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -61,7 +68,8 @@ TINY_PRESETS = {
 
 
 class Processor(Qwen2_5_VLProcessor):
-    """Qwen2_5_VLProcessor without its video processor, which needs torchvision (PLATFORM.md)."""
+    """Qwen2_5_VLProcessor without its video processor, which needs torchvision: `AutoProcessor` fails without
+    it, and the PyPI torchvision does not import beside the CPU torch wheel."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         # the processor's sub-processors are read off this signature: no video_processor here means none is needed
@@ -76,8 +84,23 @@ class Processor(Qwen2_5_VLProcessor):
 
 
 # ----------------------------------------------------------------------------------------------------- images
+def load_image(src, check_only=False):
+    """An RGB image from a path or bytes, decoded in full (a truncated file fails here, at load, not mid-run);
+    check_only: open and verify only (fast), return None. Anything unreadable raises ValueError with the reason:
+    a missing or corrupt file, a non-image, a decompression bomb (a 20000 x 20000 PNG), a path that is not a str."""
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+            if check_only:
+                img.verify()
+                return None
+            return img.convert("RGB")
+    except (OSError, ValueError, TypeError, AttributeError, SyntaxError, Image.DecompressionBombError) as e:
+        what = src if isinstance(src, str) else f"({type(src).__name__})"
+        raise ValueError(f"unreadable image {what}: {type(e).__name__}: {str(e)[:120]}") from e
+
+
 def prepare_image(img, min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS):
-    """SPEC 1: squeeze aspect ratios > 200, upscale sides < 32 px, then smart-resize to multiples of 28."""
+    """Squeeze aspect ratios > 200, upscale sides < 32 px, then smart-resize to multiples of 28 (as the original)."""
     img = img.convert("RGB")
     w, h = img.size
     if max(w, h) / min(w, h) > 200:   # squeeze the long side so the ratio drops below 200
@@ -131,6 +154,14 @@ def encode(processor, text, images=(), max_pixels=RL_MAX_PIXELS):
         if i < len(n_pads):
             ids += [pad_id] * n_pads[i]
     return Seq(ids, [int(t == pad_id) for t in ids], pixels, grids)
+
+
+def encode_plain(tok, text):
+    """Token ids of `text` as plain text: a special-token string ("<|im_end|>", "<tool_call>") is encoded like any
+    other text, never as the special token. For untrusted text (tool output) only."""
+    backend = tok.backend_tokenizer
+    text = backend.normalizer.normalize_str(text) if backend.normalizer else text
+    return [t.id for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text) for t in backend.model.tokenize(piece)]
 
 
 def rope_positions(model, seq, device=None):
@@ -189,6 +220,26 @@ def token_logprobs(model, seqs, temperature=1.0, with_entropy=False, chunk=2048)
     live = batch["attention_mask"][:, 1:]
     logp = torch.cat([p[0] for p in parts], 1) * live
     return (logp, torch.cat([p[1] for p in parts], 1) * live) if with_entropy else logp
+
+
+def check_args(ap, args, positive=(), fraction=()):
+    """Refuse, before anything loads, the values that would do nothing, lose data or divide by zero."""
+    for name in positive:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
+    for name in fraction:
+        if not 0 <= getattr(args, name) <= 1:
+            ap.error(f"--{name.replace('_', '-')} must be between 0 and 1 (got {getattr(args, name)})")
+
+
+def finite_step(opt, params, grad_clip):
+    """Clip the gradient and step, unless it is not finite: then the step is skipped (the caller counts it), so a
+    NaN never reaches the weights or a checkpoint. -> (grad norm, whether the optimizer stepped)."""
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    if math.isfinite(gnorm):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm, math.isfinite(gnorm)
 
 
 def set_gradient_checkpointing(model, on=True):
@@ -267,6 +318,9 @@ def load_model(name_or_path=DEFAULT_MODEL, device=None, dtype=None):
     """(model, processor) from a hub name or a local folder; bf16 + sdpa on CUDA, float32 on CPU."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    if os.path.isdir(name_or_path) and not os.path.exists(os.path.join(name_or_path, "config.json")):
+        sys.exit(f"error: {os.path.abspath(name_or_path)} is a folder without config.json: not a model (a hub name "
+                 "or a folder written by save_pretrained / `python model.py --tiny DIR`)")
     try:
         processor = Processor.from_pretrained(name_or_path)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
@@ -281,7 +335,8 @@ def load_model(name_or_path=DEFAULT_MODEL, device=None, dtype=None):
 
 def save_checkpoint(out, model, processor, optimizer, step, scheduler=None):
     """Weights (safetensors, hub layout) + optimizer, scheduler, step and RNG state, written to a temp folder and
-    renamed into place: a crash never leaves a half-written checkpoint."""
+    renamed into place; `trainer.json` is written last, so a folder holding it is complete. A crash at any point
+    leaves a complete checkpoint that open_run finds (the old one, or the new one not yet renamed)."""
     import shutil
     final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -290,6 +345,8 @@ def save_checkpoint(out, model, processor, optimizer, step, scheduler=None):
     processor.tokenizer.save_pretrained(tmp)
     torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None,
                     step=step, rng=torch.get_rng_state()), os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        json.dump({"step": step}, f)
     old = final + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
@@ -299,13 +356,71 @@ def save_checkpoint(out, model, processor, optimizer, step, scheduler=None):
     return final
 
 
-def load_checkpoint(out, optimizer, scheduler=None):
-    """Restore the trainer state save_checkpoint wrote (the weights load with load_model(out/checkpoint), which
-    maps the hub key layout); returns the step to continue from (0 if there is no checkpoint)."""
-    path = os.path.join(out, "checkpoint", "trainer_state.pt")
-    if not os.path.exists(path):
-        return 0
-    trainer = torch.load(path, weights_only=False)
+def checkpoint_step(path):
+    """The step of a complete checkpoint folder, or None (incomplete, or not a checkpoint)."""
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            step = json.load(f)["step"]
+        return step if os.path.exists(os.path.join(path, "config.json")) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def open_run(out, resume, overwrite=False):
+    """Make the run folder safe to train into, before anything loads. -> the checkpoint to resume from, or None.
+    - Recovers from a crash inside save_checkpoint: the newest complete one of checkpoint / checkpoint.old /
+      checkpoint.tmp* becomes `checkpoint`; the others are removed.
+    - Without --resume, refuses a folder that holds a checkpoint or metrics (--overwrite clears it): a finished run
+      is never replaced by accident.
+    - With --resume, drops the metrics lines of steps after the checkpoint (they are trained again)."""
+    import glob
+    import shutil
+    final = os.path.join(out, "checkpoint")
+    found = [p for p in [final, final + ".old"] + glob.glob(final + ".tmp*") if os.path.isdir(p)]
+    complete = sorted((step, p) for p, step in ((p, checkpoint_step(p)) for p in found) if step is not None)
+    if complete and complete[-1][1] != final:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(complete[-1][1], final)
+        print(f"{out}: recovered the checkpoint of step {complete[-1][0]} left by an interrupted save", file=sys.stderr)
+    for p in found:
+        if p != final and os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not resume:
+        if os.path.isdir(final) or os.path.exists(metrics):
+            if not overwrite:
+                sys.exit(f"error: {out} already holds a run: pass --resume to continue it, --overwrite to start "
+                         "over, or another --out")
+            shutil.rmtree(final, ignore_errors=True)
+            if os.path.exists(metrics):
+                os.remove(metrics)
+        return None
+    if not os.path.isdir(final):   # nothing to resume yet: a fresh start (metrics of unsaved steps go)
+        if os.path.exists(metrics):
+            os.remove(metrics)
+        return None
+    step = checkpoint_step(final)
+    if step is None:
+        sys.exit(f"error: {final} is incomplete (no trainer.json or config.json): remove it, or --overwrite")
+    if os.path.exists(metrics):   # keep the lines of the steps the checkpoint holds; later ones are trained again
+        with open(metrics) as f:
+            kept = [line for line in f if line.endswith("\n") and (_step_of(line) or step + 1) <= step]
+        with open(metrics, "w") as f:
+            f.writelines(kept)
+    return final
+
+
+def _step_of(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def load_checkpoint(path, optimizer, scheduler=None):
+    """Restore the trainer state save_checkpoint wrote in `path` (the weights load with load_model(path), which maps
+    the hub key layout); returns the step to continue from."""
+    trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     optimizer.load_state_dict(trainer["optimizer"])
     if scheduler is not None and trainer["scheduler"]:
         scheduler.load_state_dict(trainer["scheduler"])
@@ -314,18 +429,59 @@ def load_checkpoint(out, optimizer, scheduler=None):
 
 
 def _train_tokenizer(vocab_size, corpus, words=()):
-    """Byte-level BPE trained on the project's own text, with Qwen's special tokens and the protocol tags."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE trained on the project's own text, pre-tokenised as Qwen2's, with Qwen's special tokens:
+    protocol tags are plain text here too (split into several tokens), `<tool_call>` / `</tool_call>` added tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
-    # digits one by one, as Qwen2's own pre-tokenizer does (it also makes numbers easy to copy for a tiny model)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([   # Qwen2's split: digits one by one, punctuation runs apart
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer=trainer)
-    tok.add_tokens(TAG_TOKENS)
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
     tok.add_tokens([AddedToken(w, single_word=True) for w in words])   # whole words kept as one token
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE, model_max_length=32768)
+
+
+def qwen_tokenizer(ranks_path=None):
+    """The real Qwen2 / Qwen2.5 tokenizer rebuilt offline from its 151,643 byte-level BPE ranks (the file
+    qwen.tiktoken that the PyPI package qwen-agent ships, Apache-2.0): the same ids as Qwen2.5-VL's vocab.json.
+    Each token's merge is the pair that BPE over its own bytes ends on, with lower ranks only. For tests that must
+    see the real merges (`>\n`, `></`, `"}}`); the real model brings its own tokenizer from the hub."""
+    import base64
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    if ranks_path is None:
+        import importlib.util
+        spec = importlib.util.find_spec("qwen_agent")   # located, not imported (its dependencies are not needed)
+        if spec is None:
+            raise FileNotFoundError("the real Qwen vocabulary needs qwen.tiktoken: pip install --no-deps qwen-agent")
+        ranks_path = os.path.join(os.path.dirname(spec.origin), "utils", "qwen.tiktoken")
+    with open(ranks_path, "rb") as f:
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+    char = bytes_to_unicode()
+    text = lambda b: "".join(char[x] for x in b)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        parts = [bytes([x]) for x in token]
+        while len(parts) > 2:   # BPE over the token's bytes, merging the lowest-ranked pair below its own rank
+            i = min(range(len(parts) - 1), key=lambda j: ranks.get(parts[j] + parts[j + 1], 1 << 30))
+            if ranks.get(parts[i] + parts[i + 1], 1 << 30) >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append((text(parts[0]), text(parts[1])))
+    tok = Tokenizer(models.BPE({text(b): r for b, r in ranks.items()}, merges))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(t, special=t not in ("<tool_call>", "</tool_call>"), normalized=False)
+                    for t in QWEN_ADDED])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE, model_max_length=32768)
 
@@ -342,17 +498,19 @@ def project_text():
     return texts
 
 
-def build_tiny(path, preset="test", seed=0, corpus=None, words=()):
+def build_tiny(path, preset="test", seed=0, corpus=None, words=(), tokenizer=None, vocab_rows=None):
     """A Qwen2.5-VL in miniature with random weights: real patch/merge sizes and M-RoPE, saved like the hub repo.
-    `words` become single tokens (the miniature world's names, as a real tokenizer has common names as tokens)."""
+    `words` become single tokens (the miniature world's names, as a real tokenizer has common names as tokens);
+    `tokenizer` (e.g. qwen_tokenizer()) replaces the small one trained here; `vocab_rows` pads the embedding past
+    the tokenizer as the 7B does (152,064 rows for 151,665 tokens)."""
     p = TINY_PRESETS[preset]
-    tokenizer = _train_tokenizer(p["vocab"], corpus or project_text(), words)
+    tokenizer = tokenizer or _train_tokenizer(p["vocab"], corpus or project_text(), words)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = p["hidden"] // p["heads"]
     half = head_dim // 2   # mrope_section must sum to head_dim / 2
     section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+        text_config=dict(vocab_size=max(len(tokenizer), vocab_rows or 0), hidden_size=p["hidden"], num_hidden_layers=p["layers"],
                          num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
                          intermediate_size=p["inter"], max_position_embeddings=32768, tie_word_embeddings=True,
                          rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section),

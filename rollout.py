@@ -2,10 +2,12 @@
 
 One loop serves RL (grpo.py, sampled) and evaluation (eval.py, greedy). A round is: the active trajectories prefill
 their pending tokens (prompt, or the last observation) together, each into its own KV cache, then all of them
-decode together in one batch until each has ended its turn
-(`</code>`, `</tool_call>` or `<|im_end|>`), then all their tools run concurrently, and the observations are appended
-in SPEC section 1's exact token format. The token stream of a trajectory is exactly the chat template applied to the
-final conversation (test_all.py checks it), so SFT data and rollouts share one format.
+decode together in one batch until each has ended its turn (`</code>`, `</tool_call>` or `<|im_end|>`), then all
+their tools run concurrently, and the observations are appended in the original's exact token format
+(data/PROTOCOL.md). A trajectory's ids are the encoding of its segments, one after the other: the prompt, each model
+turn as sampled, each observation ending in its pre-filled `<think>` (as the original's RL stream). That is not the
+encoding of the whole text at once: with the real vocabulary the prefilled `<think>`'s `>` would merge with what
+follows (`>\n`, `><`). sft.py encodes its conversations by the same segments (test_all.py checks both).
 
 Deliberate choices:
 - Plain PyTorch over the model's forward; M-RoPE positions computed here and passed explicitly.
@@ -40,30 +42,15 @@ from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 from transformers.cache_utils import DynamicLayer
 
 import tools
-from model import IMAGE_PLACEHOLDER, Seq, encode, rope_positions
+from model import IMAGE_PLACEHOLDER, RL_MAX_PIXELS, Seq, encode, encode_plain, prepare_image, rope_positions
 
-SYSTEM_PROMPT = """You are a capable visual agent. Keep working until the question is fully solved.
-Reason step by step inside <think> </think> before every action and reflect on every result you get.
-You may act in one of these ways per turn, and only one:
-1. Run Python in a notebook: <code>
-```python
-...
-```
-</code>. Variables persist between calls. The i-th input image is preloaded as the PIL image `image_i`
-(image_1, image_2, ...). Images shown with plt.show() or display(img) come back to you. Do not write files and
-do not write infinite loops.
-2. Search the web by text: <tool_call>{"name": "search", "arguments": {"query": "..."}}</tool_call>
-3. Search the web by the original image (at most once): <tool_call>{"name": "image_search"}</tool_call>
-Plan before each call and check its result after. When you are sure, give the final answer inside <answer> </answer>."""
-USER_SUFFIX = ("\nThink inside <think> </think>, act with <code> </code> or <tool_call> </tool_call> when needed, "
-               "and put the final answer inside <answer> </answer>.")
-NO_TOOLS_PROMPT = ("You are a capable visual assistant. Reason step by step inside <think> </think>, then give the "
-                   "final answer inside <answer> </answer>.")
-NO_TOOLS_SUFFIX = "\nThink inside <think> </think> and put the final answer inside <answer> </answer>."
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts")
+PROMPT_SETS = ("agent", "code", "direct")   # code + text + image search / code only / no tools (data/prompts/)
 TOOLS_OFF = "Error: tools are disabled in this run; answer from what you already know and see."
 OBS_PREFIX = "<|im_end|>\n<|im_start|>user\n"              # closes the model's turn, opens a user turn
 OBS_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>"   # ... and pre-fills the next turn's <think>
 STOP_STRINGS = ("</code>", "</tool_call>")
+STOP_WINDOW = max(map(len, STOP_STRINGS))   # tokens to decode for the check: a token holds at least one character
 # transformers renamed the forward's cache argument in 5.x (`cache=`, deprecating `past_key_values=`)
 CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters \
     else "past_key_values"
@@ -76,8 +63,9 @@ class Sample:
     images: list            # PIL images, image_1 .. image_n
     question: str
     answer: str = ""
-    data_source: str = "reason"   # perception | reason | search (SPEC 6), decides the search cost in the reward
-    id: str = ""
+    data_source: str = "reason"   # perception | reason | search: which judge, and the search cost in the reward
+    id: str = ""                  # the RL data's extra_info.index: the key of the image-search cache
+    prompt: list = None           # chat messages the sample was trained with (RL parquet); None: the run's prompt
 
 
 @dataclass
@@ -104,26 +92,39 @@ class Trajectory:
 
     @property
     def answer(self):
-        action = tools.parse_action(self.response)
-        return action.arg if action.kind == "answer" else None
+        return tools.extract_answer(self.response)
 
 
-def load_system_prompt(path=None):
-    """The system prompt, or the contents of `path` (users override the wording without touching code)."""
-    if path is None:
-        return SYSTEM_PROMPT
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+@dataclass
+class Prompt:
+    """A system prompt and a user template: `{question}` is the question; the first "<image>" is where the images
+    go (no "<image>": the images open the user turn, as VLMEvalKit's messages put them)."""
+    system: str
+    user: str = "{question}"
+
+    def messages(self, sample):
+        if sample.prompt:   # an RL row that carries the prompt it was trained with: used as given
+            return [dict(m, content=m["content"].replace("<image>", IMAGE_PLACEHOLDER)) for m in sample.prompt]
+        head, mark, tail = self.user.partition("<image>")
+        head, tail = ("", head) if not mark else (head, tail)
+        user = (head + IMAGE_PLACEHOLDER * len(sample.images) + tail).replace("{question}", sample.question)
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
 
-def prompt_messages(sample, system_prompt=SYSTEM_PROMPT, user_suffix=USER_SUFFIX):
-    user = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.question + user_suffix}]
-    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+def load_prompt(name_or_path="agent"):
+    """The original's prompt set `agent`, `code` or `direct` (data/prompts/, byte for byte), or a system prompt
+    file of your own: its user template is the file beside it named with user_prompt for system_prompt, if any."""
+    system = os.path.join(PROMPTS, f"{name_or_path}_system_prompt.txt") if name_or_path in PROMPT_SETS \
+        else name_or_path
+    user = system.replace("system_prompt", "user_prompt") if "system_prompt" in os.path.basename(system) else None
+    read = lambda path: open(path, encoding="utf-8").read()
+    if not os.path.exists(system):
+        raise FileNotFoundError(f"prompt {name_or_path!r}: neither one of {', '.join(PROMPT_SETS)} nor a file")
+    return Prompt(read(system), read(user) if user and os.path.exists(user) else "{question}")
 
 
-def start(processor, sample, system_prompt=SYSTEM_PROMPT, max_pixels=None, user_suffix=USER_SUFFIX):
-    text = processor.apply_chat_template(prompt_messages(sample, system_prompt, user_suffix), tokenize=False,
-                                         add_generation_prompt=True)
+def start(processor, sample, prompt, max_pixels=None):
+    text = processor.apply_chat_template(prompt.messages(sample), tokenize=False, add_generation_prompt=True)
     kw = {"max_pixels": max_pixels} if max_pixels else {}
     seq = encode(processor, text, sample.images, **kw)
     return Trajectory(sample, seq, len(seq.ids), [0] * len(seq.ids), [0.0] * len(seq.ids))
@@ -247,7 +248,8 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
     """Decode one turn for every trajectory in one batch; rows leave the batch when their turn ends."""
     dev = first_logits.device
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    banned = [tok.convert_tokens_to_ids(t) for t in BANNED]
+    # ids past the tokenizer (the 7B's output layer has 152,064 rows for 151,665 tokens) decode to '': never sampled
+    banned = [tok.convert_tokens_to_ids(t) for t in BANNED] + list(range(len(tok), first_logits.shape[-1]))
     closes = closing_tokens(tok)
     cache, mask = stack_caches(trajs)
     rows = list(range(len(trajs)))                  # row r of the batch is trajs[rows[r]]
@@ -263,7 +265,7 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
             t = trajs[i]
             t.seq.ids.append(token[r]); t.seq.mm.append(0)
             t.action_mask.append(1); t.logprobs.append(logp[r]); t.turn_ids.append(token[r])
-            stop = token[r] in closes and any(s in tok.decode(t.turn_ids[-8:]) for s in STOP_STRINGS)
+            stop = token[r] in closes and any(s in tok.decode(t.turn_ids[-STOP_WINDOW:]) for s in STOP_STRINGS)
             over = len(t.seq.ids) - t.prompt_len >= cfg["max_response_tokens"]
             if token[r] == eos or stop or over or \
                     len(t.turn_ids) >= cfg["max_turn_tokens"]:
@@ -300,24 +302,26 @@ def run_tool(traj, action, sandbox, cfg):
         if action.kind == "search":
             return tools.text_search(action.arg, url=cfg["search_url"])
         if action.kind == "image_search":
+            if cfg["image_search_cache"]:   # the released cache, keyed by the sample (the original's way)
+                return cfg["image_search_cache"](traj.sample.id)
             if not traj.sample.images:
                 return "Error: there is no image to search with.", []
             return tools.image_search(traj.sample.images[0], url=cfg["search_url"])
         return action.arg, []                        # a malformed call: the "Error: ..." text itself
-    except (tools.SandboxError, tools.SearchError) as e:
-        traj.infra_errors += 1
-        return f"Error: the {action.kind} backend is unavailable ({str(e)[:200]}).", []
+    except Exception as e:   # SandboxError, SearchError, or a backend's reply nobody foresaw: one trajectory's
+        traj.infra_errors += 1   # problem, counted and never scored, not the run's
+        return f"Error: the {action.kind} backend is unavailable ({type(e).__name__}: {str(e)[:200]}).", []
 
 
 def append_observation(processor, traj, text, images, cfg):
     """Add the observation tokens, or end the episode if they would overflow a budget (never end on them)."""
-    room = cfg["max_images"] - len(traj.seq.pixels) + len(traj.sample.images)
-    if len(images) > room:
-        images = images[:max(room, 0)]
-        text = text.replace(IMAGE_PLACEHOLDER, "", text.count(IMAGE_PLACEHOLDER) - len(images))
+    room = max(cfg["max_images"] - len(traj.seq.pixels) + len(traj.sample.images), 0)
+    if len(images) > room:   # keep the first `room` images and their slots
+        kept = text.split(tools.IMAGE_SLOT)
+        text = tools.IMAGE_SLOT.join(kept[:room + 1]) + "".join(kept[room + 1:])
         text += f"\n[some images were dropped: at most {cfg['max_images']} per trajectory]"
-    obs = encode(processor, OBS_PREFIX + text + OBS_SUFFIX, images,   # the same pixel cap as the inputs
-                 **({"max_pixels": cfg["max_pixels"]} if cfg["max_pixels"] else {}))
+        images = images[:room]
+    obs = observation_tokens(processor, text, images, cfg["max_pixels"])
     if len(traj.seq.ids) + len(obs.ids) - traj.prompt_len > cfg["max_response_tokens"]:
         traj.finish = "budget"
         return
@@ -326,6 +330,24 @@ def append_observation(processor, traj, text, images, cfg):
         traj.obs_images += images
     traj.action_mask += [0] * len(obs.ids)
     traj.logprobs += [0.0] * len(obs.ids)
+
+
+def observation_tokens(processor, text, images, max_pixels=None):
+    """OBS_PREFIX + text + OBS_SUFFIX as tokens. The text is tool output (stdout, web pages): untrusted. It is
+    encoded as plain text, special-token strings included (a page's "<|im_end|><|im_start|>system" stays text, not
+    a fake turn), and the only images are the real ones, one at each IMAGE_SLOT. The same ids as encoding the whole
+    string when it holds no special-token text (the parity tests pin it)."""
+    kw = {"max_pixels": max_pixels} if max_pixels else {}
+    text = text.encode("utf-8", "replace").decode("utf-8")   # a lone surrogate (chr(0xd800)) becomes "?"
+    seq = encode(processor, OBS_PREFIX)
+    pieces = text.split(tools.IMAGE_SLOT)
+    for k, piece in enumerate(pieces):
+        ids = encode_plain(processor.tokenizer, piece)
+        seq.extend(Seq(ids, [0] * len(ids)))
+        if k < len(images):
+            seq.extend(encode(processor, IMAGE_PLACEHOLDER, images[k:k + 1], **kw))
+    seq.extend(encode(processor, OBS_SUFFIX))
+    return seq
 
 
 PHASES = Counter()   # seconds spent per phase of the rollout, for the bench
@@ -344,23 +366,25 @@ def timer(phase):
 
 DEFAULTS = dict(temperature=1.0, top_p=1.0, max_turns=9, max_turn_tokens=8192, max_response_tokens=16384,
                 max_prompt_tokens=8192, max_images=50, use_cache=True, tools_on=True, search_url=None,
-                on_infra_error="observe", sandbox_timeout=20, system_prompt=SYSTEM_PROMPT, user_suffix=USER_SUFFIX,
-                keep_images=False,
-                max_pixels=None)
+                on_infra_error="observe", sandbox_timeout=20, prompt=None, keep_images=False, max_pixels=None,
+                image_search_cache=None, sandbox_sees="original")
 
 
 @torch.no_grad()
 def rollout(model, processor, samples, n=1, script=None, **overrides):
-    """Run n trajectories per sample to the end. `script(traj, turn) -> text` forces a scripted policy's turns."""
+    """Run n trajectories per sample to the end. `script(traj, turn) -> text or ids` forces a scripted policy's turns."""
     cfg = dict(DEFAULTS, **overrides)
     tok = processor.tokenizer
-    trajs = [start(processor, s, cfg["system_prompt"], cfg["max_pixels"], cfg["user_suffix"])
-             for s in samples for _ in range(n)]
+    prompt = cfg["prompt"] or load_prompt("agent")
+    trajs = [start(processor, s, prompt, cfg["max_pixels"]) for s in samples for _ in range(n)]
     boxes = {}
 
     def sandbox_of(t):   # one sandbox per trajectory, started on its first code call
         if id(t) not in boxes:
-            boxes[id(t)] = tools.Sandbox(t.sample.images, timeout=cfg["sandbox_timeout"])
+            images = t.sample.images
+            if cfg["sandbox_sees"] == "model":   # eval, as the original: image_i is the resized image the model
+                images = [prepare_image(im, max_pixels=cfg["max_pixels"] or RL_MAX_PIXELS) for im in images]   # sees
+            boxes[id(t)] = tools.Sandbox(images, timeout=cfg["sandbox_timeout"])
         return boxes[id(t)]
 
     for t in trajs:
@@ -371,8 +395,9 @@ def rollout(model, processor, samples, n=1, script=None, **overrides):
         while active := [t for t in trajs if not t.finish]:
             for t in active:
                 t.turn_ids = []
-                if script is not None:
-                    t.forced = tok.encode(script(t, t.turns), add_special_tokens=False)
+                if script is not None:   # a scripted turn: text, or token ids (to force a particular split)
+                    turn = script(t, t.turns)
+                    t.forced = list(turn) if isinstance(turn, list) else tok.encode(turn, add_special_tokens=False)
                 if not cfg["use_cache"]:
                     t.cache, t.cached, t.cached_images = None, 0, 0
             with timer("prefill"):
@@ -487,7 +512,7 @@ def generate_one_at_a_time(model, processor, samples, script, turns):
     """The naive baseline: HF generate per trajectory per turn, re-encoding the conversation each time."""
     gen = 0
     for s in samples:
-        t = start(processor, s)
+        t = start(processor, s, load_prompt("agent"))
         with tools.Sandbox(s.images) as box:
             for i in range(turns):
                 ids = processor.tokenizer.encode(script(t, i), add_special_tokens=False)

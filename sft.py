@@ -1,18 +1,18 @@
 """sft.py -- the cold start: supervised fine-tuning on clean tool-use trajectories, loss only on the model's turns.
 
-RL straight from the base model did not give stable tool use (SPEC section 6), so the agent first imitates
+RL straight from the base model did not give stable tool use (the paper's cold-start section), so the agent first imitates
 trajectories written by a strong model: it learns the protocol here, and GRPO later learns when to use which tool.
 
 Data (JSONL, one trajectory per line; images by path relative to the file, one "<image>" per image, in order):
   {"images": ["img/1.png", ...],
    "messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "<image>question ..."},
                 {"role": "assistant", "content": "<think>...</think><code>...</code>"},
-                {"role": "user", "content": "Code execution result: ..."},        <- a tool output (SPEC 1 format)
+                {"role": "user", "content": "Code execution result: ..."},        <- a tool output (data/PROTOCOL.md)
                 {"role": "assistant", "content": "<think>...</think><answer>...</answer>"}]}
 
 The tokens are exactly the ones the rollout produces for the same conversation (test_all.py checks it): a tool
 output is encoded as the rollout's observation, pre-filled `<think>` included. Labels are the rollout's action
-mask plus the `<|im_end|>` that closes each tool turn (SPEC 6 trains on it; in a rollout the observation writes it,
+mask plus the `<|im_end|>` that closes each tool turn (the original trains on it; in a rollout the observation writes it,
 because generation stops at `</code>`).
 
 Deliberate choices:
@@ -50,8 +50,9 @@ import rollout as R
 def encode_conversation(processor, messages, images, max_pixels=M.SFT_MAX_PIXELS):
     """-> (Seq, labels): the rollout's token stream for this conversation, labels 1 on the model's own tokens.
 
-    Built from segments cut where the tokenizer cannot merge across (special tokens, the "\\n" after a role), so
-    concatenating their encodings is the encoding of the whole text."""
+    Encoded by the rollout's segments, one after the other: the prompt, each model turn, each observation ending in
+    its pre-filled `<think>`. Not the whole text at once: with the real vocabulary `<think>`'s `>` merges with the
+    turn after it (`>\\n`, `><`), and the rollout never sees that merge."""
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     text = lambda m: m["content"].replace("<image>", M.IMAGE_PLACEHOLDER)   # our data holds string contents
     head = processor.apply_chat_template([dict(m, content=text(m)) for m in messages[:first]], tokenize=False,
@@ -85,28 +86,37 @@ def encode_conversation(processor, messages, images, max_pixels=M.SFT_MAX_PIXELS
 
 def load_conversations(path):
     """JSONL rows {images, messages} -> list of (messages, image paths). Bad rows are reported and skipped."""
-    root, rows = os.path.dirname(os.path.abspath(path)), []
+    root, rows, bad = os.path.dirname(os.path.abspath(path)), [], 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                messages, images = row["messages"], [os.path.join(root, p) for p in row.get("images", [])]
+                messages, images = row["messages"], [os.path.join(root, p) for p in row.get("images") or []]
+                if not isinstance(messages, list) or not all(isinstance(m.get("content"), str) and
+                                                             m.get("role") in ("system", "user", "assistant")
+                                                             for m in messages):
+                    raise ValueError("messages must be a list of {role, content: str}")
                 holes = sum(m["content"].count("<image>") for m in messages)
                 if holes != len(images):
                     raise ValueError(f"{holes} <image> placeholders but {len(images)} images")
                 if not any(m["role"] == "assistant" for m in messages):
                     raise ValueError("no assistant turn")
+                for image in images:
+                    M.load_image(image, check_only=True)   # each file opened and checked once, here
                 rows.append((messages, images))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 print(f"{path}:{n}: skipped ({e})", file=sys.stderr)
+                bad += 1
+    if bad:
+        print(f"{path}: {bad} bad rows skipped, {len(rows)} conversations kept", file=sys.stderr)
     return rows
 
 
 # ================================================================================================ the released data
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-         "observation": "user", "function": "user", "tool": "user"}   # tool outputs are user turns (SPEC 6)
+         "observation": "user", "function": "user", "tool": "user"}   # tool outputs are user turns
 
 
 def convert(src, images_root, out):
@@ -149,7 +159,7 @@ def convert(src, images_root, out):
 
 # ================================================================================================ training
 def freeze_vision(model):
-    """The vision tower and its projector (`visual.merger`) stay as pretrained (SPEC 6)."""
+    """The vision tower and its projector (`visual.merger`) stay as pretrained, as in the paper."""
     for p in model.model.visual.parameters():
         p.requires_grad_(False)
 
@@ -182,50 +192,55 @@ def sft_step(model, opt, sched, window, grad_clip):
         loss = -(logp * mask).sum() / n_labels
         loss.backward()
         total += loss.item()
-    gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip).item()
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return total, gnorm
+    gnorm, stepped = M.finite_step(opt, [p for p in model.parameters() if p.requires_grad], grad_clip)
+    sched.step()   # the schedule moves on either way: a skipped step is a lost step, not a delayed one
+    return total, gnorm, stepped
 
 
 def train(args):
     torch.manual_seed(args.seed)
-    ckpt = os.path.join(args.out, "checkpoint")
-    resume = args.resume and os.path.exists(ckpt)
-    model, processor = M.load_model(ckpt if resume else args.model)
+    data = load_conversations(args.data)
+    if not data:
+        sys.exit(f"error: no usable conversations in {args.data}")
+    ckpt = M.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
+    model, processor = M.load_model(ckpt or args.model)
     if not args.unfreeze_vision:
         freeze_vision(model)
     if args.freeze_embeddings:   # tied: the output projection too
         model.get_input_embeddings().weight.requires_grad_(False)
     if args.grad_ckpt:
         M.set_gradient_checkpointing(model, True)
-    data = load_conversations(args.data)
-    if not data:
-        sys.exit(f"error: no usable conversations in {args.data}")
     positions = order(len(data), args.epochs, args.seed)
     total = math.ceil(len(positions) / args.grad_accum)   # the schedule's length; --steps may stop earlier
     stop = min(args.steps, total)
     opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     sched = cosine_with_warmup(opt, total, max(1, round(args.warmup * total)))
-    step = M.load_checkpoint(args.out, opt, sched) if resume else 0
+    step = M.load_checkpoint(ckpt, opt, sched) if ckpt else 0
     os.makedirs(args.out, exist_ok=True)
-    skipped, model = 0, model.train()
+    skipped, bad_steps, model = 0, 0, model.train()
     for step in range(step, stop):
         t0, window = time.time(), []
         for p in positions[step * args.grad_accum:(step + 1) * args.grad_accum]:
             messages, paths = data[p]
-            seq, labels = encode_conversation(processor, messages, [Image.open(x) for x in paths], args.max_pixels)
+            try:
+                images = [M.load_image(x) for x in paths]
+                seq, labels = encode_conversation(processor, messages, images, args.max_pixels)
+            except ValueError as e:   # checked at load; a file that changed since is skipped and counted too
+                print(f"\n{args.data}: conversation {p + 1} skipped ({e})", file=sys.stderr)
+                skipped += 1
+                continue
             if len(seq.ids) > args.cutoff or sum(labels) == 0:
                 skipped += 1   # counted, never truncated
                 continue
             window.append((seq, labels))
-        loss, gnorm = sft_step(model, opt, sched, window, args.grad_clip) if window else (float("nan"), 0.0)
+        loss, gnorm, stepped = sft_step(model, opt, sched, window, args.grad_clip) if window else \
+            (float("nan"), 0.0, False)
+        bad_steps += bool(window) and not stepped
         dt = time.time() - t0
         tokens = sum(len(s.ids) for s, _ in window)
         metrics = dict(step=step + 1, loss=loss, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens=tokens,
-                       tokens_per_s=tokens / dt, skipped=skipped, seconds=dt)
+                       tokens_per_s=tokens / dt, skipped=skipped, non_finite_steps=bad_steps, seconds=dt)
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         done = int(30 * (step + 1) / total)
@@ -283,6 +298,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=10**9, help="stop after this many optimizer steps")
     ap.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (and at the end)")
     ap.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in --out")
+    ap.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data order")
     ap.add_argument("--tiny", action="store_true", help="CPU preset: lr 1e-3, 3 epochs, accum 2, frozen "
                     "embeddings, no checkpointing")
@@ -295,6 +311,8 @@ def parse_args(argv=None):
         for k, v in preset.items():
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, v)
+    M.check_args(ap, args, positive=("epochs", "lr", "grad_accum", "grad_clip", "cutoff", "max_pixels", "steps",
+                                     "save_every"), fraction=("warmup",))
     return args
 
 

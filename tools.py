@@ -1,16 +1,17 @@
 """tools.py -- what the agent can do: run Python over its images, search text, search by image. No torch here.
 
   Sandbox(images)              one locked-down, notebook-like Python process per trajectory
-  text_search(q) / image_search(img) -> (observation text, images)   SPEC section 1 format, Serper-style JSON
-  parse_action(turn_text)      -> Action: answer / code / search / image_search / error / none (SPEC precedence)
+  text_search(q) / image_search(img) -> (observation text, images)   the original's format, Serper-style JSON
+  parse_action(turn_text)      -> Action: answer / code / search / image_search / error / none (the original's precedence)
   python tools.py serve        the embedded search backend on 127.0.0.1 (BM25 over data/ text, image nearest neighbour)
   python tools.py --bench      sandbox latency: session start, warm call, 16 parallel sessions vs a fresh process
 
 How the sandbox is limited (all of it in `_lock_down`, the one place to read):
-  - a *zygote* process imports numpy / PIL / matplotlib once; each session is a fork of it, so a session starts in
+  - a *zygote* process imports numpy / PIL / matplotlib / cv2 / scipy / pandas / sympy / scikit-learn once; each session is a fork of it, so a session starts in
     milliseconds with everything preloaded, and `image_1 .. image_n` are defined before the first call;
   - the session gets new network and mount namespaces: no network at all, the whole file system read-only,
     /proc hidden (no host environment to read), a size-capped tmpfs as the only writable place (its cwd, TMPDIR);
+  - a session started by root drops to the unprivileged uid 65534 (root-only host files stay unreadable);
   - every capability is dropped; a seccomp filter refuses fork / exec / clone of processes (threads are allowed),
     sockets, signals to any other process, ptrace, mount and namespace calls;
   - rlimits: address space, CPU seconds, file size, open files; each call has a timeout (SIGALRM inside, a hard
@@ -48,14 +49,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SEARCH_URL = os.environ.get("DEEPEYES_SEARCH_URL", "http://127.0.0.1:8765")   # default: `python tools.py serve`
 CACHE_DIR = os.environ.get("DEEPEYES_CACHE", os.path.expanduser("~/.cache/deepeyesv2"))
 MAX_IMAGES_PER_CALL = 10
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"   # one per image in an observation
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"   # where an image goes in the model's text
+# Where an image goes in an observation: a private-use character no tool output can carry (_plain strips it). The
+# rollout encodes observation text as plain text (a web page's "<|im_end|>" must not end the turn) and puts one
+# image at each slot.
+IMAGE_SLOT = "\ue000"
 OUTPUT_LIMIT = 8000          # characters of stdout / stderr kept per call
 MAX_MESSAGE = 64 << 20       # the largest reply the host accepts from a session
+# What the original's sandbox offered the model's code besides numpy, PIL and matplotlib (its requirements.txt:
+# opencv, scipy, pandas, sympy, scikit-learn): released trajectories import them, and an ImportError would turn a
+# good trajectory into a failed one. Preloaded in the zygote: a session forks with them already imported.
+PRELOAD = ["numpy", "cv2", "scipy.ndimage", "scipy.signal", "pandas", "sympy", "sklearn.cluster"]
 
 
 # ================================================================================================ the sandbox
 class SandboxError(RuntimeError):
     """Infrastructure failure (the sandbox could not start or answer): counted by the caller, never scored."""
+
+
+class _ProtocolError(ValueError):
+    """A session's reply that is not the answer to the call in flight."""
 
 
 def _send(sock, obj, images=()):
@@ -66,12 +79,17 @@ def _send(sock, obj, images=()):
 
 
 def _recv(sock):
-    """The inverse of _send, with a size cap: the host treats whatever a session sends as untrusted data."""
+    """The inverse of _send. The host treats whatever a session sends as untrusted data: sizes are capped, and a
+    malformed message raises (ValueError, KeyError, TypeError or RecursionError), never executes anything."""
     n = struct.unpack("<Q", _recv_exact(sock, 8))[0]
-    obj = json.loads(_recv_exact(sock, n)) if n <= MAX_MESSAGE else None
-    if obj is None or sum(w["n"] for w in obj["images"]) > MAX_MESSAGE:
+    if n > MAX_MESSAGE:
         raise ValueError("sandbox message exceeds the size cap")
-    obj["images"] = [Image.frombytes(w["mode"], tuple(w["size"]), _recv_exact(sock, w["n"])) for w in obj["images"]]
+    obj = json.loads(_recv_exact(sock, n))
+    if not isinstance(obj, dict) or not isinstance(obj.get("images"), list) or \
+            sum(int(w["n"]) for w in obj["images"]) > MAX_MESSAGE:
+        raise ValueError("malformed or oversized sandbox message")
+    obj["images"] = [Image.frombytes(w["mode"], tuple(w["size"]), _recv_exact(sock, int(w["n"])))
+                     for w in obj["images"]]
     return obj
 
 
@@ -148,6 +166,11 @@ def _lock_down(scratch, limits):
     os.chdir(scratch)
     for cap in range(64):                                  # drop every capability, for good
         libc.prctl(24, cap, 0, 0, 0)                       # PR_CAPBSET_DROP
+    if uid == 0:   # the trainer runs as root: the model's code runs as nobody (root-only files like /etc/shadow)
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    got["unprivileged"] = os.getuid() != 0 or uid != 0
     hdr, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
     got["no capabilities"] = libc.capget(hdr, data) == 0 and libc.capset(hdr, (ctypes.c_uint32 * 6)()) == 0
     for res, value in ((resource.RLIMIT_AS, vm_now + (limits["memory_mb"] << 20)),
@@ -220,6 +243,7 @@ def _session_main(sock, scratch, limits):
             continue
         out, err = _Bounded(OUTPUT_LIMIT), _Bounded(OUTPUT_LIMIT)
         shown.clear()
+        plt.close("all")   # figures a timed-out call left open would come back at every later show()
         sys.stdout, sys.stderr = out, err
         try:
             tree = ast.parse(req["code"])
@@ -238,13 +262,28 @@ def _session_main(sock, scratch, limits):
         finally:
             signal.alarm(0)
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        err.write(_stop_stray_threads())
         images = shown[:MAX_IMAGES_PER_CALL]
         if len(shown) > len(images):
             err.write(f"\n[{len(shown) - len(images)} images dropped: at most {MAX_IMAGES_PER_CALL} per call]")
         for i, im in enumerate(images):   # bounded in size, in a mode the host can rebuild
             images[i] = im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")
             images[i].thumbnail((4096, 4096))
-        _send(sock, {"stdout": out.text(), "stderr": err.text()}, images)
+        _send(sock, {"stdout": out.text(), "stderr": err.text(), "nonce": req["nonce"]}, images)
+
+
+def _stop_stray_threads(wait=0.5):
+    """Stop the threads a call left running (a busy one would burn the session's CPU budget between calls): raise
+    SystemExit inside each. -> a note for stderr, or "" when the call started none."""
+    strays = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    for t in strays:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(SystemExit))
+    deadline = time.time() + wait
+    for t in strays:
+        t.join(max(0.0, deadline - time.time()))
+    stuck = sum(t.is_alive() for t in strays)   # blocked in C code, beyond reach until it returns
+    return (f"\n[{len(strays)} threads the code started were stopped when the call ended" +
+            (f"; {stuck} blocked in C code could not be]" if stuck else "]")) if strays else ""
 
 
 def _zygote_main(ctl_fd):
@@ -252,6 +291,16 @@ def _zygote_main(ctl_fd):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401 -- preloaded so sessions start fast
+    for name in PRELOAD:      # the original sandbox's libraries: imported once here, so a session's import is free
+        try:
+            __import__(name)
+        except ImportError:   # not installed: the model's import fails in its session and it reads why
+            pass
+    try:   # scikit-learn finds its thread pools once, in /proc/self/maps, which a session cannot read: do it here
+        from sklearn.utils.parallel import _get_threadpool_controller
+        _get_threadpool_controller()
+    except ImportError:
+        pass
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)        # sessions are reaped by the kernel
     ctl = socket.socket(fileno=ctl_fd)
     while True:
@@ -329,13 +378,13 @@ class Sandbox:
             self.protections = _recv(self.sock)["protections"]
             _send(self.sock, {}, self.images)
             _recv(self.sock)
-        except (OSError, EOFError, ValueError) as e:
+        except (OSError, EOFError, ValueError, KeyError, TypeError, RecursionError) as e:
             self.close()
-            raise SandboxError(f"sandbox failed to start: {e}") from e
+            raise SandboxError(f"sandbox failed to start: {str(e)[:200]}") from e
         self._check_protections()
 
     def _check_protections(self):
-        missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities", "seccomp")
+        missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities", "seccomp", "unprivileged")
                    if not self.protections.get(k)]
         if not missing:
             return
@@ -349,20 +398,33 @@ class Sandbox:
             print(f"WARNING: sandbox running WITHOUT: {', '.join(missing)} (DEEPEYES_UNSAFE_SANDBOX=1)", file=sys.stderr)
 
     def run(self, code):
-        """Run one cell. Returns stdout, stderr and images (PIL); a hard timeout restarts the session."""
+        """Run one cell. Returns stdout, stderr and images (PIL). Code that times out or dies (memory, CPU time)
+        restarts the session and says so; a reply that breaks the channel's protocol (malformed, oversized, not the
+        answer to this call: code inside the session can write to the channel) restarts it too and raises
+        SandboxError, an infrastructure error that is counted, never scored."""
         self.sock.settimeout(self.limits["timeout"] + 5)   # the in-session alarm fires first; this is the backstop
+        nonce = os.urandom(8).hex()   # unguessable per call: a reply forged during one call cannot answer the next
         try:
-            _send(self.sock, {"code": code})
+            _send(self.sock, {"code": code, "nonce": nonce})
             reply = _recv(self.sock)
-        except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
+            if reply.get("nonce") != nonce or not isinstance(reply.get("stdout"), str) or \
+                    not isinstance(reply.get("stderr"), str):
+                raise _ProtocolError("a reply that does not answer this call")
+        except (OSError, EOFError) as e:
             why = "timed out" if isinstance(e, socket.timeout) else "died (memory, CPU-time or output limit)"
-            self.close()
-            self.restarts += 1
-            self._start()
+            self._restart()
             return dict(stdout="", images=[], stderr=f"Error: the code {why}; the Python session was restarted, "
                                                      f"variables were lost; image_1.. are loaded again.")
-        return dict(stdout=str(reply["stdout"])[:2 * OUTPUT_LIMIT], stderr=str(reply["stderr"])[:2 * OUTPUT_LIMIT],
+        except (_ProtocolError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            self._restart()
+            raise SandboxError(f"the sandbox channel broke ({str(e)[:100]}); the session was restarted") from e
+        return dict(stdout=reply["stdout"][:2 * OUTPUT_LIMIT], stderr=reply["stderr"][:2 * OUTPUT_LIMIT],
                     images=reply["images"][:MAX_IMAGES_PER_CALL])
+
+    def _restart(self):
+        self.close()
+        self.restarts += 1
+        self._start()
 
     def close(self):
         """Kill the session with everything it started, and remove its scratch directory."""
@@ -388,12 +450,17 @@ class Sandbox:
         self.close()
 
 
+def _plain(s):
+    """Tool output as text: whatever it holds, it cannot claim an image slot."""
+    return str(s).replace(IMAGE_SLOT, "")
+
+
 def format_code_result(result):
-    """SPEC 1 observation for a code call (stripped); one image placeholder per returned image."""
-    text = (f"Code execution result:\nstdout:\n```\n{result['stdout']}\n```\n\n"
-            f"stderr:\n```\n{result['stderr']}\n```\n\n")
+    """The original's observation for a code call (stripped); one image slot per returned image."""
+    text = (f"Code execution result:\nstdout:\n```\n{_plain(result['stdout'])}\n```\n\n"
+            f"stderr:\n```\n{_plain(result['stderr'])}\n```\n\n")
     if result["images"]:
-        text += "Images:\n" + IMAGE_PLACEHOLDER * len(result["images"])
+        text += "Images:\n" + IMAGE_SLOT * len(result["images"])
     return text.strip()
 
 
@@ -412,7 +479,10 @@ def _post(path, payload, url=None, retries=3, timeout=20):
             r = requests.post(url, json=payload, headers=headers, timeout=timeout)
             if r.status_code < 500 and r.status_code != 429:
                 r.raise_for_status()
-                return r.json()
+                reply = r.json()
+                if not isinstance(reply, dict) or not isinstance(reply.get("organic", []), list):
+                    raise ValueError("the reply is not Serper-shaped JSON")
+                return reply
             last = f"HTTP {r.status_code}"
         except (requests.RequestException, ValueError) as e:
             last = str(e).splitlines()[0][:200]
@@ -423,9 +493,13 @@ def _post(path, payload, url=None, retries=3, timeout=20):
 def _cached(kind, key, fetch):
     """On-disk cache: one JSON file per query / image hash, so repeated rollouts never pay twice."""
     path = os.path.join(CACHE_DIR, "search", kind, hashlib.sha256(key).hexdigest() + ".json")
-    if os.path.exists(path):
+    try:
         with open(path) as f:
             return json.load(f)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):   # a corrupt entry (a crash mid-write elsewhere, a full disk): fetch it again
+        pass
     value = fetch()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -436,33 +510,71 @@ def _cached(kind, key, fetch):
 
 
 def text_search(query, k=5, url=None, cache=True):
-    """-> (observation text, []) for a web search, formatted as SPEC section 1."""
+    """-> (observation text, []) for a web search, formatted as the original (data/PROTOCOL.md)."""
     fetch = lambda: _post("/search", {"q": query, "num": k}, url).get("organic", [])[:k]
     results = _cached("text", f"{url or SEARCH_URL}|{k}|{query}".encode(), fetch) if cache else fetch()
+    results = [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
     items = []
     for i, r in enumerate(results, 1):
-        item = f"{i}. [{r.get('title', '')}]({r.get('link', '')})"
-        item += f"\nDate published: {r['date']}" if r.get("date") else ""
-        item += "\n" + (f"\n{r['snippet']}" if r.get("snippet") else "")
+        item = f"{i}. [{_plain(r.get('title', ''))}]({_plain(r.get('link', ''))})"
+        item += f"\nDate published: {_plain(r['date'])}" if r.get("date") else ""
+        item += "\n" + (f"\n{_plain(r['snippet'])}" if r.get("snippet") else "")
         items.append(item)
-    text = f"A Google search for '{query}' found {len(results)} results:\n\n## Web Results\n" + "\n\n".join(items)
+    text = (f"A Google search for '{_plain(query)}' found {len(results)} results:\n\n## Web Results\n"
+            + "\n\n".join(items))
     return f"<tool_response>\n{text}\n</tool_response>", []
 
 
 def image_search(image, k=3, url=None, cache=True):
-    """-> (observation text, result images) for a reverse image search, formatted as SPEC section 1."""
+    """-> (observation text, result images) for a reverse image search, formatted as the original."""
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="PNG", compress_level=1)   # fast: the bytes are the cache key and payload
     png = buf.getvalue()
     fetch = lambda: _post("/lens", {"image_b64": base64.b64encode(png).decode(), "num": k}, url).get("organic", [])[:k]
     results = _cached("image", (url or SEARCH_URL).encode() + png, fetch) if cache else fetch()
-    # SPEC's "<image>" marks where each result image goes: here the model's own image placeholder
-    items = [f"{i}. {IMAGE_PLACEHOLDER if r.get('image_b64') else '(no image)'}\n[{r.get('title', '')}] \n"
-             for i, r in enumerate(results, 1)]
+    return format_image_results([(r.get("title", ""), Image.open(io.BytesIO(base64.b64decode(r["image_b64"])))
+                                  if r.get("image_b64") else None) for r in results])
+
+
+def format_image_results(results):
+    """[(title, PIL image or None)] -> (observation text, images). The original's "<image>" marks where each result
+    image goes: here an image slot."""
+    items = [f"{i}. {IMAGE_SLOT if img is not None else '(no image)'}\n[{_plain(title)}] \n"
+             for i, (title, img) in enumerate(results, 1)]
     text = f"A Google image search for the image found {len(results)} results:\n\n## Web Results\n" + "\n\n".join(items)
-    images = [Image.open(io.BytesIO(base64.b64decode(r["image_b64"]))).convert("RGB") for r in results
-              if r.get("image_b64")]
-    return f"<tool_response>\n{text}\n</tool_response>", images
+    return f"<tool_response>\n{text}\n</tool_response>", [img.convert("RGB") for _, img in results if img is not None]
+
+
+class ImageSearchCache:
+    """The original's image search: reverse-image results cached per training sample, because reverse-image APIs
+    need a public image URL. The released DeepEyesV2 search cache is one JSON file
+    {data_index: {"tool_returned_web_title": [...], "cached_images_path": [...]}}, keyed by the sample's
+    `extra_info.index` (our `id`); a result is returned when its image file exists (paths relative to the file).
+    The original ended the episode when a sample had no entry; here that is an error observation and the model goes
+    on (the reward then decides whether going on without it was right)."""
+
+    def __init__(self, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.entries = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SearchError(f"image-search cache {path} cannot be read: {str(e)[:200]}") from e
+        if not isinstance(self.entries, dict):
+            raise SearchError(f"image-search cache {path} is not a JSON object keyed by sample index")
+        self.root = os.path.dirname(os.path.abspath(path))
+
+    def __call__(self, key):
+        entry = self.entries.get(str(key))
+        if not isinstance(entry, dict):
+            return "Error: image search found nothing for this image.", []
+        results = []
+        for title, path in zip(entry.get("tool_returned_web_title") or [], entry.get("cached_images_path") or []):
+            path = os.path.join(self.root, str(path))
+            try:
+                results.append((str(title), Image.open(path).convert("RGB")))
+            except OSError:   # a listed image that is not there (the original skipped those too)
+                continue
+        return format_image_results(results[:MAX_IMAGES_PER_CALL])
 
 
 # ---- the embedded backend: BM25 over a JSONL corpus, nearest neighbour over an image folder ----
@@ -537,23 +649,40 @@ class SearchIndex:
                 for i in order[scores[order] >= self.min_image_score]]
 
 
-def make_server(index, host="127.0.0.1", port=8765):
-    """An HTTP server answering POST /search and POST /lens with Serper-shaped JSON. Loopback only by default."""
+MAX_RESULTS = 50   # the most results one request may ask for (Serper's own cap is 100)
+
+
+def make_server(index, host="127.0.0.1", port=8765, timeout=30):
+    """An HTTP server answering POST /search and POST /lens with Serper-shaped JSON. Loopback only by default.
+    Every bad request gets a 400 and every connection a `timeout` (a client that sends less than its
+    Content-Length cannot hold a thread forever)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
+        def setup(self):
+            super().setup()
+            self.connection.settimeout(timeout)
+
         def do_POST(self):
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                k = int(body.get("num", 5))
+                length = int(self.headers.get("Content-Length", 0))
+                if not 0 <= length <= MAX_MESSAGE:
+                    raise ValueError("bad Content-Length")
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError("the body must be a JSON object")
+                k = body.get("num", 5)
+                if isinstance(k, bool) or not isinstance(k, (int, float)) or not k >= 1:
+                    raise ValueError("num must be a number >= 1")
+                k = int(min(k, MAX_RESULTS))
                 if self.path == "/search":
                     out = {"organic": index.text(str(body["q"]), k)}
                 elif self.path == "/lens":
-                    img = Image.open(io.BytesIO(base64.b64decode(body["image_b64"])))
+                    img = Image.open(io.BytesIO(base64.b64decode(str(body["image_b64"]))))
                     out = {"organic": index.image(img, k)}
                 else:
                     return self.send_error(404)
-            except (KeyError, ValueError, OSError) as e:
+            except (KeyError, ValueError, TypeError, OSError, RecursionError, Image.DecompressionBombError) as e:
                 return self.send_error(400, str(e)[:200])
             data = json.dumps(out).encode()
             self.send_response(200)
@@ -565,7 +694,11 @@ def make_server(index, host="127.0.0.1", port=8765):
         def log_message(self, *a):
             pass
 
-    return ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 128   # the listen backlog (socketserver's 5 reset ~0.1% of connections at 16 clients)
+        daemon_threads = True
+
+    return Server((host, port), Handler)
 
 
 def start_server_thread(corpus, image_index=None, port=0, min_image_score=-1.0):
@@ -582,24 +715,45 @@ class Action:
     arg: str = ""      # the answer, the code, the query, or the error observation text
 
 
+def extract_answer(response):
+    """The final answer of a whole response, read as the original's reward reads it: the first <answer>...</answer>
+    after the last </think>, stripped (None if there is none). The one answer parser of reward, eval and rollout."""
+    tail = response.rsplit("</think>", 1)[-1]
+    start = tail.find("<answer>")
+    end = tail.find("</answer>", start) if start >= 0 else -1
+    return tail[start + len("<answer>"):end].strip() if end >= 0 else None
+
+
+def last_between(text, open_tag, close_tag):
+    """The text inside the last open_tag ... close_tag pair (None if none). str.rfind, not a regex: a policy at
+    temperature 1 can write thousands of unclosed tags, and a lazy regex is quadratic over them."""
+    end = text.rfind(close_tag)
+    start = text.rfind(open_tag, 0, end) if end >= 0 else -1
+    return text[start + len(open_tag):end] if start >= 0 else None
+
+
 def parse_action(text):
-    """What a model turn asks for. SPEC precedence: answer > code > tool_call; the last match of each wins."""
-    answers = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
-    if answers:
-        return Action("answer", answers[-1].strip())
+    """What a model turn asks for. The original's precedence: answer > code > tool_call; the last match of each wins.
+    Whatever the text, this returns an Action: a malformed call is an "error" the model reads and may recover from."""
+    answer = last_between(text, "<answer>", "</answer>")
+    if answer is not None:
+        return Action("answer", answer.strip())
     if "<code>" in text:
         block = text.rsplit("<code>", 1)[1].split("</code>", 1)[0]
-        fences = re.findall(r"```python\s*\n?(.*?)```", block, re.DOTALL)
-        if not fences:
-            return Action("error", "Error: no ```python block found inside <code></code>.")
-        return Action("code", fences[-1])
-    calls = re.findall(r"<tool_call>(.*?)</tool_call>", text, re.DOTALL)
-    if not calls:
+        start = block.rfind("```python")
+        while start >= 0:   # the last closed fence (each find stops at the next fence: linear)
+            end = block.find("```", start + len("```python"))
+            if end >= 0:
+                return Action("code", block[start + len("```python"):end].lstrip())
+            start = block.rfind("```python", 0, start)
+        return Action("error", "Error: no ```python block found inside <code></code>.")
+    call = last_between(text, "<tool_call>", "</tool_call>")
+    if call is None:
         return Action("none")
     try:
-        call = json.loads(calls[-1].strip())
-    except ValueError as e:
-        return Action("error", f"Error: the tool call is not valid JSON ({e}).")
+        call = json.loads(call.strip())
+    except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the parser's stack
+        return Action("error", f"Error: the tool call is not valid JSON ({str(e)[:200]}).")
     if not isinstance(call, dict):
         return Action("error", "Error: the tool call must be a JSON object with a 'name'.")
     name, args = call.get("name"), call.get("arguments")
@@ -612,7 +766,7 @@ def parse_action(text):
         if args:
             return Action("error", "Error: image_search takes no arguments; it searches the original image.")
         return Action("image_search")
-    return Action("error", f"Error: unknown tool {name!r}; the tools are 'search' and 'image_search'.")
+    return Action("error", f"Error: unknown tool {str(name)[:100]!r}; the tools are 'search' and 'image_search'.")
 
 
 # ================================================================================================ bench / CLI
@@ -678,9 +832,9 @@ def main():
     if args.command == "serve":
         if not os.path.exists(args.corpus):
             sys.exit(f"error: corpus {args.corpus} not found (python data/world.py builds one)")
-        print(f"search backend on http://{args.host}:{args.port} (corpus {args.corpus})", flush=True)
-        index = SearchIndex(args.corpus, args.images, args.min_image_score)
-        return make_server(index, args.host, args.port).serve_forever()
+        server = make_server(SearchIndex(args.corpus, args.images, args.min_image_score), args.host, args.port)
+        print(f"search backend on http://{args.host}:{args.port} (corpus {args.corpus})", flush=True)   # ready now
+        return server.serve_forever()
     ap.print_help()
 
 

@@ -22,7 +22,8 @@ Deliberate choices, so that a 3.8M-parameter model learns the world in minutes o
 category; answers from small closed sets (6 colours, counts 1-9, 8 animals); town, colour and animal names are
 single tokens of the tiny tokenizer (build_tiny's `words`). A model that small cannot learn to copy a multi-token
 span (an induction head) in minutes, so every value the model must carry from one place to another is one token.
-The world uses its own short system prompt (the full one is longer than a whole miniature trajectory).
+The world uses its own short prompt set (world_system_prompt.txt / world_user_prompt.txt, passed as --prompt FILE):
+the original's agent prompt is longer than a whole miniature trajectory.
 What made it work (each measured, teacher-forced on held-out expert trajectories, see README):
   - a recall pre-training over every world word (`pretrain_recall`): the stand-in for a base model that knows its
     vocabulary and can copy a word it has read; without it no held-out town reaches a search query;
@@ -38,6 +39,7 @@ Commands:
   python data/world.py --pipeline           # the whole miniature: world, tiny model, SFT, GRPO, eval table
 """
 import argparse
+import itertools
 import json
 import os
 import random
@@ -67,12 +69,21 @@ NEW_QUESTION = {"recognition": "Name the hue of the tiny dot.",
 # The miniature's own short system prompt: the full one is 217 tiny-tokenizer tokens, more than a whole trajectory
 WORLD_PROMPT = ("You are a visual agent. Think in <think> </think>, then act: run python in <code> </code>, or call "
                 "search or image_search in <tool_call> </tool_call>, or answer in <answer> </answer>.")
+WORLD_USER = ("<image>{question}\nThink inside <think> </think>, act with <code> </code> or <tool_call> </tool_call> "
+              "when needed, and put the final answer inside <answer> </answer>.")
 WORLD_MAX_PIXELS = 112 * 112   # the model sees 4 x 4 visual tokens per picture: small details are lost
 IMAGE_MATCH = 0.95   # image search returns only flags this similar: one clear match, not the 3 nearest of anything
 NEW_WORDING = 0.5    # the share of RL and held-out questions in words the cold start never showed
 
 
+def name_capacity():
+    """How many distinct town names of 2-3 syllables exist."""
+    return len({"".join(p).capitalize() for k in (2, 3) for p in itertools.product(SYLLABLES, repeat=k)})
+
+
 def entity_names(rng, n):
+    if n > name_capacity():   # the loop below would never end
+        raise ValueError(f"the world needs {n} town names but only {name_capacity()} exist: ask for fewer items")
     names = set()
     while len(names) < n:
         names.add("".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize())
@@ -184,12 +195,12 @@ def animal_in(obs):
     return next((w for w in words if w in ANIMALS), "unknown")
 
 
-def expert_trajectory(item, root, url, image_dir, system_prompt):
+def expert_trajectory(item, root, url, image_dir):
     """Run the expert with the real tools -> (messages, image paths) in sft.py's format, or None if it failed."""
-    import rollout as R
     images = [Image.open(os.path.join(root, p)).convert("RGB") for p in item["images"]]
-    messages = [{"role": "system", "content": system_prompt},
-                {"role": "user", "content": "<image>" * len(images) + item["question"] + R.USER_SUFFIX}]
+    messages = [{"role": "system", "content": WORLD_PROMPT},
+                {"role": "user", "content": WORLD_USER.replace("<image>", "<image>" * len(images))
+                 .replace("{question}", item["question"])}]
     paths, obs = list(item["images"]), ""
     with tools.Sandbox(images) as box:
         for turn in expert_turns(item):
@@ -212,13 +223,12 @@ def expert_trajectory(item, root, url, image_dir, system_prompt):
                 path = f"{image_dir}/{item['id']}-{len(messages)}-{k}.png"
                 img.save(os.path.join(root, path))
                 paths.append(path)
-            messages.append({"role": "user", "content": obs.replace(tools.IMAGE_PLACEHOLDER, "<image>")})
+            messages.append({"role": "user", "content": obs.replace(tools.IMAGE_SLOT, "<image>")})
     return None
 
 
 # ================================================================================================ the world
-def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=25, system_prompt=None,
-          new_wording=NEW_WORDING):
+def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=25, new_wording=NEW_WORDING):
     """Write the world: items for SFT / RL / held-out, the corpus and image index, and the expert's SFT data.
     new_wording: the share of RL and held-out questions in NEW_QUESTION's words (the SFT items: none)."""
     rng = random.Random(seed)
@@ -228,8 +238,9 @@ def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=
     names = entity_names(rng, 2 * sum(per_split.values()) + 20)   # 20 distractors only the corpus knows
     entities = {name: rng.choice(ANIMALS) for name in names}
     emblems = {name: emblem(rng) for name in names}
-    with open(os.path.join(out, "system_prompt.txt"), "w") as f:
-        f.write(system_prompt or WORLD_PROMPT)
+    for name, text in (("world_system_prompt.txt", WORLD_PROMPT), ("world_user_prompt.txt", WORLD_USER)):
+        with open(os.path.join(out, name), "w") as f:   # the prompt set the scripts take as --prompt FILE
+            f.write(text)
     with open(os.path.join(out, "corpus.jsonl"), "w") as f:
         for name, animal in entities.items():
             f.write(json.dumps(dict(title=name, link=f"https://wiki.local/{name}",
@@ -254,7 +265,7 @@ def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=
     kept = 0
     with open(os.path.join(out, "sft.jsonl"), "w") as f:
         for item in splits["sft"]:
-            traj = expert_trajectory(item, out, url, "sft_images", system_prompt or WORLD_PROMPT)
+            traj = expert_trajectory(item, out, url, "sft_images")
             if traj:
                 f.write(json.dumps(dict(images=traj[1], messages=traj[0])) + "\n")
                 kept += 1
@@ -322,6 +333,7 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     import eval as E
     import grpo as G
     import model as M
+    import rollout as R
     import sft as S
     t0 = time.time()
     build(out, seed, n_sft, n_rl, n_heldout, new_wording=new_wording)
@@ -329,10 +341,10 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     pretrain_recall(base, words(out), seed=seed)
     url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"),
                                     min_image_score=IMAGE_MATCH)
-    items = E.load_toy(os.path.join(out, "heldout.jsonl"))
+    items = E.load("toy", os.path.join(out, "heldout.jsonl"))
     px = ["--max-pixels", str(WORLD_MAX_PIXELS)]
     cfg = dict(max_turns=4, max_turn_tokens=96, max_response_tokens=1024, max_pixels=WORLD_MAX_PIXELS,
-               search_url=url, system_prompt=WORLD_PROMPT)
+               search_url=url, prompt=R.load_prompt(os.path.join(out, "world_system_prompt.txt")))
     results = {}
 
     def evaluate(name, path, **kw):
@@ -349,7 +361,7 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     evaluate("SFT", sft_model)
     G.train(G.parse_args(["--tiny", "--model", sft_model, "--data", os.path.join(out, "rl.jsonl"),
                           "--out", os.path.join(runs, "grpo"), "--search-url", url, *px,
-                          "--system-prompt", os.path.join(out, "system_prompt.txt"), "--epochs", str(rl_epochs)]
+                          "--prompt", os.path.join(out, "world_system_prompt.txt"), "--epochs", str(rl_epochs)]
                          + (["--steps", str(rl_steps)] if rl_steps else [])))
     evaluate("SFT+GRPO", os.path.join(runs, "grpo", "checkpoint"))
     evaluate("SFT+GRPO, tools disabled", os.path.join(runs, "grpo", "checkpoint"), tools_on=False)
@@ -381,6 +393,9 @@ def main():
     ap.add_argument("--new-wording", type=float, default=NEW_WORDING,
                     help="share of RL and held-out questions worded as the cold start never shows (0: none)")
     args = ap.parse_args()
+    if 2 * (args.sft + args.rl + args.heldout) + 20 > name_capacity():
+        ap.error(f"--sft + --rl + --heldout = {args.sft + args.rl + args.heldout}: the world has town names for "
+                 f"at most {(name_capacity() - 20) // 2} items per category in all")
     if args.pipeline:
         return pipeline(args.out, args.runs, args.seed, args.rl_steps, args.sft_epochs, args.rl_epochs, args.sft,
                         args.rl, args.heldout, args.new_wording)
