@@ -1,24 +1,35 @@
-"""eval.py -- benchmarks through the same agent loop as RL, run greedily, scored by rules first and then a judge.
+"""eval.py -- benchmarks through the same agent loop as RL, run greedily, scored as the paper scored them.
 
-  python eval.py --bench realx --model PATH_OR_HUB_NAME [--data FILE]     # RealX-Bench (public 194), the headline
-  python eval.py --bench mathvision --data data/mathvision_testmini/testmini.jsonl --limit 20   # a shipped subset
-  python eval.py --bench toy --model runs/grpo/checkpoint                  # the miniature world's held-out split
-  python eval.py --bench realx --no-tools ...                              # the paper's base-model-without-tools column
+  python eval.py --bench RealX --model PATH_OR_HUB_NAME                     # RealX-Bench (public 194), the headline
+  python eval.py --bench all --model PATH_OR_HUB_NAME                       # the paper's 22, one table beside its numbers
+  python eval.py --bench MathVision_testmini --limit 20                     # a subset shipped in data/, offline
+  python eval.py --bench toy --model runs/mini/grpo/checkpoint --data data/world/heldout.jsonl   # the miniature
+  python eval.py --bench RealX --no-tools ...                               # the base-model-without-tools column
 
-Benchmarks (their files: data/PROTOCOL.md): realx (parquet or JSONL: query, answer with " or " alternatives, perception / search /
-reason flags, image), mathvision (JSONL), vstar and hrbench (VLMEvalKit TSV, base64 images, option letters),
-mathvista and chartqa (JSONL; numbers within 5%), toy (data/world/heldout.jsonl).
+The paper's protocol per benchmark (data/PROTOCOL.md, Evaluation): greedy, up to 11 tool calls, at most 20480 new
+tokens a model turn; the `code` prompt for the VLMEvalKit sets, `agent` for RealX and the search sets, `direct` with
+--no-tools; a response without <answer> is scored on its final text. Scoring follows VLMEvalKit per benchmark
+(BENCHES below): multiple choice by letter or option text, then the judge maps a free answer to an option; ChartQA
+relaxed (5%); OCRBench substring of any reference (a count out of 1000, as printed in the paper); the math sets by
+rules, then the original's math judge; RealX and the search sets by alias lists, then the original's judge.
 
-Output folder: predictions.jsonl (one line per finished item, appended as its batch finishes: prediction, verdict,
-the whole trajectory text with images as "<image>", and every image by path in order: the inputs, then tool-output
-images saved under images/), protocol.json (prompt, temperature,
-limits, judge, model: what reproduces a number). A rerun skips finished items, so a crash or Ctrl-C loses at most
-the batch in flight; items that hit an infrastructure error (tool backend or judge down) are retried on a rerun and,
-until then, are shown apart, never scored as wrong.
+Files: a VLMEvalKit benchmark is one TSV (index, base64 image or a list of them, question, A.. options, answer,
+category); the search sets are JSONL or parquet rows with a question, an answer (or a list) and aliases, and an
+image (bytes, base64 or a path); RealX is parquet. Missing files are fetched where a public URL is known (VLMEvalKit's,
+checked against its MD5; RealX from the hub) into $DEEPEYES_DATA (default ~/.cache/deepeyesv2/benchmarks); offline,
+one line says where to get the file and where to put it.
+
+Output folder (runs/eval/BENCH): predictions.jsonl (one line per item, appended as the item finishes: prediction,
+verdict, the whole trajectory text with images as "<image>", every image by path: the inputs, then tool-output
+images saved under images/) and protocol.json (model, prompt, limits, judge, scorer: what reproduces a number; a
+different protocol in the same folder is refused). A rerun skips finished items; items that hit an infrastructure
+error (tool backend or judge down) are retried and, until then, shown apart, never scored as wrong.
 """
 import argparse
+import ast
 import base64
 import csv
+import hashlib
 import json
 import os
 import re
@@ -28,24 +39,74 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import requests
 
 import grpo as G
 import model as M
 import rollout as R
 
-WHERE = {   # where each benchmark is published, and where --data looks by default
-    "realx": ("hub dataset glowol/RealXBench (parquet)", "benchmarks/realx/realx.parquet"),
-    "mathvision": ("hub dataset MathLLMs/MathVision (testmini jsonl + images)", "benchmarks/mathvision/testmini.jsonl"),
-    "vstar": ("VLMEvalKit's VStarBench.tsv", "benchmarks/vstar/VStarBench.tsv"),
-    "hrbench": ("VLMEvalKit's HRBench4K.tsv / HRBench8K.tsv", "benchmarks/hrbench/HRBench4K.tsv"),
-    "mathvista": ("hub dataset AI4Math/MathVista (testmini as jsonl + images)", "benchmarks/mathvista/testmini.jsonl"),
-    "chartqa": ("hub dataset HuggingFaceM4/ChartQA (test as jsonl + images)", "benchmarks/chartqa/test.jsonl"),
-    "toy": ("`python data/world.py` (the miniature world)", "data/world/heldout.jsonl"),
-}
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.environ.get("DEEPEYES_DATA", os.path.join(os.path.expanduser("~"), ".cache", "deepeyesv2", "benchmarks"))
 LETTERS = G.LETTERS
-# The paper's prompt per benchmark: code only for the VLMEvalKit sets, every tool for RealX (and the miniature's own)
-PROMPT_OF = {"realx": "agent", "mathvision": "code", "vstar": "code", "hrbench": "code", "mathvista": "code",
-             "chartqa": "code"}   # toy: the miniature world's own prompt, written beside its data
+VLMEVAL = "https://opencompass.openxlab.space/utils/VLMEval/"
+HRBENCH = "https://huggingface.co/datasets/DreamMr/HR-Bench/resolve/main/"
+
+
+@dataclass
+class Bench:
+    loader: str                 # tsv (VLMEvalKit) | realx | search | mathvision (MATH-V jsonl) | toy
+    scorer: str                 # mcq | relaxed | ocr | math | vqa (aliases, then the judge)
+    prompt: str                 # the paper's prompt set for it
+    file: str                   # its file under $DEEPEYES_DATA (or in this repository: data/...)
+    source: str                 # where it is published
+    url: str = ""               # fetched from here when missing ("" = by hand)
+    md5: str = ""               # VLMEvalKit's checksum of that file ("" = none known)
+    paper: tuple = (None, None)   # the paper's DeepEyesV2 and Qwen2.5-VL-7B numbers (None: not reported)
+    hub: str = ""               # a hub dataset holding the file (RealX)
+
+
+def vlmevalkit(name, scorer, paper=(None, None), url=None, md5=""):
+    """A VLMEvalKit benchmark: one TSV, the code prompt; url None = VLMEvalKit's usual address."""
+    return Bench("tsv", scorer, "code", f"{name}.tsv", f"VLMEvalKit's {name}.tsv (its dataset code lists the URL)",
+                 VLMEVAL + f"{name}.tsv" if url is None else url, md5, paper)
+
+
+def search_set(name, source, paper):
+    return Bench("search", "vqa", "agent", f"{name}.jsonl", source, paper=(paper, None))
+
+
+BENCHES = {
+    "VStarBench": vlmevalkit("VStarBench", "mcq", (81.8, 78.5), url=""),
+    "HRBench4K": vlmevalkit("HRBench4K", "mcq", (77.9, 71.6), HRBENCH + "hr_bench_4k.tsv",
+                            "f6b041b03d49543494b8a56d2e35be65"),
+    "HRBench8K": vlmevalkit("HRBench8K", "mcq", (73.8, 67.9), HRBENCH + "hr_bench_8k.tsv",
+                            "274c9c7f89329b804a4723178a00219c"),
+    "MME-RealWorld": vlmevalkit("MME-RealWorld", "mcq", (64.9, 57.3), url=""),
+    "MME-RealWorld-Lite": vlmevalkit("MME-RealWorld-Lite", "mcq", md5="4c17057d7d3b6c4a0d4397c3dae0881c", url=""),
+    "TreeBench": vlmevalkit("TreeBench", "mcq", url=""),
+    "SEEDBench2_Plus": vlmevalkit("SEEDBench2_Plus", "mcq"),
+    "OCRBench": vlmevalkit("OCRBench", "ocr", (882, 864), md5="e953d98a987cc6e26ef717b61260b778"),
+    "CharXiv_descriptive": vlmevalkit("CharXiv_descriptive", "vqa", url=""),
+    "CharXiv_reasoning": vlmevalkit("CharXiv_reasoning", "vqa", url=""),
+    "ChartQA_TEST": vlmevalkit("ChartQA_TEST", "relaxed", (88.4, 86.2), md5="c902e0aa9be5582a7aad6dcf52734b42"),
+    "MathVista_MINI": vlmevalkit("MathVista_MINI", "math", (71.9, 68.3), md5="f199b98e178e5a2a20e7048f5dcb0464"),
+    "MathVision": vlmevalkit("MathVision", "math", (28.9, 25.6), md5="93f6de14f7916e598aa1b7165589831e"),
+    "MathVerse_MINI": vlmevalkit("MathVerse_MINI", "math", (52.7, 45.6), url=""),
+    "WeMath": vlmevalkit("WeMath", "mcq", url=""),
+    "DynaMath": vlmevalkit("DynaMath", "math", url=""),
+    "LogicVista": vlmevalkit("LogicVista", "math", url=""),
+    "RealX": Bench("realx", "vqa", "agent", "RealXBench.parquet", "hub dataset glowol/RealXBench (parquet)",
+                   paper=(28.3, 22.3), hub="glowol/RealXBench"),
+    "FVQA-test": search_set("FVQA-test", "MMSearch-R1's release (FVQA test split, parquet or JSONL)", 60.6),
+    "InfoSeek": search_set("InfoSeek", "MMSearch-R1's release (InfoSeek split, parquet or JSONL)", 51.1),
+    "MMSearch": search_set("MMSearch", "the MMSearch release (its JSON as JSONL)", 63.7),
+    "SimpleVQA": search_set("SimpleVQA", "the SimpleVQA release (JSONL)", 59.4),
+    # not in the paper's table: a real subset shipped here, and the miniature world
+    "MathVision_testmini": Bench("mathvision", "math", "code", "data/mathvision_testmini/testmini.jsonl",
+                                 "shipped: 129 items of MATH-V's testmini (data/mathvision_testmini/)"),
+    "toy": Bench("toy", "vqa", "", "data/world/heldout.jsonl", "`python data/world.py` (the miniature world)"),
+}
+PAPER = [name for name, b in BENCHES.items() if b.loader in ("tsv", "realx", "search")]   # what --bench all runs
 
 
 @dataclass
@@ -59,6 +120,7 @@ class Item:
     tolerance: float = 1e-4  # relative numeric tolerance
     data_source: str = "reason"
     image_paths: list = field(default_factory=list)   # how the record names the images
+    scorer: str = "vqa"
 
 
 # ================================================================================================ loaders
@@ -73,13 +135,38 @@ def jsonl_rows(path):
                     print(f"{path}:{n}: skipped (not JSON: {e})", file=sys.stderr)
 
 
-def with_options(question, options):
-    if not options or options == list(LETTERS[:len(options)]):   # letters only: the choices are in the image
+def mcq_question(question, options, hint=None):
+    """VLMEvalKit's multiple-choice prompt (ImageMCQDataset.build_prompt); letters only: the choices are drawn."""
+    if not options or options == list(LETTERS[:len(options)]):
         return question
-    return question + "\nOptions:\n" + "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+    return ((f"Hint: {hint}\n" if hint else "") + f"Question: {question}\nOptions:\n"
+            + "".join(f"{LETTERS[i]}. {o}\n" for i, o in enumerate(options))
+            + "Please select the correct answer from the options above. \n")
 
 
-def realx_item(r, n, root, path):
+def listed(value):
+    """A list written as a Python / JSON literal in a TSV cell ("['a', 'b']"), or the value itself as a list."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str) and value.strip().startswith("["):
+        return list(ast.literal_eval(value))
+    return [value]
+
+
+def tsv_item(r, n, root, path, bench):
+    """A VLMEvalKit TSV row: index, image (base64, or a list), question, A.. options, answer, category, hint."""
+    options = [r[c] for c in LETTERS if r.get(c) not in (None, "", "nan")]
+    answers = [str(a).strip() for a in listed(r["answer"])]
+    if options and answers[0] in options and not re.fullmatch(r"[A-H]", answers[0]):
+        answers = [LETTERS[options.index(answers[0])]]   # the gold given as the option's text
+    images = [base64.b64decode(b, validate=True) for b in listed(r["image"])]
+    hint = r.get("hint") if r.get("hint") not in (None, "", "nan") else None
+    return Item(str(r["index"]), mcq_question(r["question"], options, hint), answers, images,
+                [r.get("category") or "all"], options, 0.05 if bench.scorer == "relaxed" else 1e-4,
+                image_paths=[f"{os.path.basename(path)}#{r['index']}"] * len(images), scorer=bench.scorer)
+
+
+def realx_item(r, n, root, path, bench):
     flags = [f for f in ("perception", "search", "reason") if int(r.get(f) or 0)]
     img = r["image"]["bytes"] if isinstance(r.get("image"), dict) else os.path.join(root, r["image"])
     return Item(str(r.get("id", n)), r["query"], [a.strip() for a in str(r["answer"]).split(" or ")], [img],
@@ -88,68 +175,76 @@ def realx_item(r, n, root, path):
                 image_paths=[r["image"] if isinstance(r["image"], str) else f"{path}#{n}"])
 
 
-def mathvision_item(r, n, root, path):
+def search_item(r, n, root, path, bench):
+    """A search-benchmark row: question (or query / prompt), answer (a string or a list) plus aliases, and an image
+    (bytes, a {bytes} struct, base64, or a path)."""
+    question = r.get("question") or r.get("query") or r.get("prompt")
+    answers = [str(a).strip() for key in ("answer", "answers", "aliases", "alias") if r.get(key) is not None
+               for a in listed(r[key]) if str(a).strip()]
+    image = r.get("image") if r.get("image") is not None else r.get("image_path")
+    image = image[0] if isinstance(image, list) else image
+    if isinstance(image, dict):
+        image = image["bytes"]
+    elif isinstance(image, str) and not os.path.exists(os.path.join(root, image)):
+        image = base64.b64decode(image, validate=True)
+    elif isinstance(image, str):
+        image = os.path.join(root, image)
+    if not isinstance(question, str) or not answers:
+        raise ValueError("a search row needs a question and an answer")
+    return Item(str(r.get("id", r.get("index", n))), question, list(dict.fromkeys(answers)), [image],
+                [r.get("category") or "all"], data_source="search",
+                image_paths=[image if isinstance(image, str) else f"{path}#{n}"])
+
+
+def mathvision_item(r, n, root, path, bench):
+    options = r.get("options") or []
     q = re.sub(r"<image\d+>", "", r["question"]).strip()
-    return Item(str(r["id"]), with_options(q, r.get("options") or []), [str(r["answer"])],
-                [os.path.join(root, r["image"])], [r.get("subject", "all")], r.get("options") or [],
-                image_paths=[r["image"]])
+    return Item(str(r["id"]), mcq_question(q, options), [str(r["answer"])], [os.path.join(root, r["image"])],
+                [r.get("subject", "all")], options, image_paths=[r["image"]], scorer="math")
 
 
-def tsv_item(r, n, root, path):
-    """VLMEvalKit TSV (V*, HRBench): index, image (base64), question, A..E, answer letter, category."""
-    options = [r[c] for c in LETTERS if r.get(c) not in (None, "", "nan")]
-    return Item(str(r["index"]), with_options(r["question"], options), [r["answer"].strip()],
-                [base64.b64decode(r["image"], validate=True)], [r.get("category") or "all"], options,
-                image_paths=[f"{os.path.basename(path)}#{r['index']}"])
-
-
-def qa_item(r, n, root, path, tolerance=0.05):
-    """MathVista / ChartQA as JSONL: question, answer, optional choices, image path; numbers within 5%."""
-    choices = r.get("choices") or []
-    answer = str(r["answer"])
-    if choices and answer in choices:   # the gold as a letter, so "B" and the option text both score
-        answer = LETTERS[choices.index(answer)]
-    return Item(str(r.get("id", r.get("pid", n))), with_options(r["question"], choices), [answer],
-                [os.path.join(root, r["image"])], [r.get("answer_type") or r.get("type") or "all"], choices,
-                tolerance, image_paths=[r["image"]])
-
-
-def toy_item(r, n, root, path):
+def toy_item(r, n, root, path, bench):
     return Item(r["id"], r["question"], [r["answer"]], [os.path.join(root, p) for p in r["images"]],
                 [r["category"]] + ([r["wording"] + " wording"] if "wording" in r else []),
                 data_source=r["data_source"], image_paths=r["images"])
 
 
+ITEM_OF = {"tsv": tsv_item, "realx": realx_item, "search": search_item, "mathvision": mathvision_item,
+           "toy": toy_item}
+
+
 def file_rows(path):
-    """(line or row number, row) of a JSONL, parquet or TSV benchmark file."""
+    """(line or row number, row) of a JSONL, parquet or TSV benchmark file. In VLMEvalKit's TSVs an image cell of a
+    few characters is the index of the row that holds the image (repeated images are stored once)."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
         return [(i + 1, r) for i, r in enumerate(pq.read_table(path).to_pylist())]
     if path.endswith(".tsv"):
         csv.field_size_limit(1 << 30)
         with open(path, encoding="utf-8", newline="") as f:
-            return list(enumerate(csv.DictReader(f, delimiter="\t"), 2))
+            rows = list(enumerate(csv.DictReader(f, delimiter="\t"), 2))
+        stored = {r.get("index"): r.get("image") for _, r in rows if len(r.get("image") or "") > 64}
+        for _, r in rows:
+            if len(r.get("image") or "") <= 64 and r.get("image") in stored:
+                r["image"] = stored[r["image"]]
+        return rows
     return list(jsonl_rows(path))
-
-
-ITEMS = {"realx": realx_item, "mathvision": mathvision_item, "vstar": tsv_item, "hrbench": tsv_item,
-         "mathvista": qa_item, "chartqa": qa_item, "toy": toy_item}
 
 
 def load(bench, path):
     """The benchmark's items. Every row is checked here, its images opened once: a bad row (a missing field, an
     unreadable image) is reported with its line, skipped and counted, and the run goes on."""
     if not os.path.exists(path):
-        sys.exit(f"error: {bench} data not found at {path}. Get it from {WHERE[bench][0]} on a machine with hub "
-                 f"access and put it there, or pass --data FILE.")
+        sys.exit(missing(bench, path))
+    spec = BENCHES[bench]
     root, items, bad = os.path.dirname(os.path.abspath(path)), [], 0
     for n, r in file_rows(path):
         try:
-            item = ITEMS[bench](r, n, root, path)
+            item = ITEM_OF[spec.loader](r, n, root, path, spec)
             for img in item.images:
                 M.load_image(img, check_only=True)
             items.append(item)
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError, SyntaxError) as e:
             print(f"{path}:{n}: skipped ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
             bad += 1
     if bad:
@@ -157,21 +252,105 @@ def load(bench, path):
     return items
 
 
+def missing(bench, path):
+    return (f"error: {bench} data not found at {path}. Get it from {BENCHES[bench].source} on a machine with "
+            f"internet access and put it there (or pass --data FILE).")
+
+
+def default_path(bench):
+    spec = BENCHES[bench]
+    return os.path.join(HERE, spec.file) if spec.file.startswith("data/") else os.path.join(DATA_DIR, spec.file)
+
+
+def md5_of(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(bench, path):
+    """The benchmark file at `path`: there already, or fetched from where it is published (a VLMEvalKit TSV is
+    checked against VLMEvalKit's MD5; a corrupt download is refused and removed). -> path, or None with the reason
+    printed (offline, no public URL, a bad checksum)."""
+    spec = BENCHES[bench]
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        if spec.hub:   # a hub dataset (RealX): its parquet file, through huggingface_hub (comes with transformers)
+            from huggingface_hub import snapshot_download
+            folder = snapshot_download(spec.hub, repo_type="dataset", allow_patterns=["*.parquet"],
+                                       local_dir=path + ".hub")
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".parquet"))
+            os.replace(found[0], path)
+            return path
+        if not spec.url:
+            return None
+        print(f"{bench}: downloading {spec.url}", file=sys.stderr)
+        with requests.get(spec.url, stream=True, timeout=60) as r:
+            r.raise_for_status()
+            with open(path + ".part", "wb") as f:
+                for block in r.iter_content(1 << 20):
+                    f.write(block)
+    except Exception as e:   # offline, a hub error, an HTTP error: say so, and the run goes on without it
+        print(f"{missing(bench, path)} (fetching failed: {type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+        return None
+    if spec.md5 and md5_of(path + ".part") != spec.md5:
+        os.remove(path + ".part")
+        print(f"error: {bench}: the download from {spec.url} does not match VLMEvalKit's MD5 {spec.md5}: refused",
+              file=sys.stderr)
+        return None
+    os.replace(path + ".part", path)
+    return path
+
+
 # ================================================================================================ scoring
 def score(pred, item, judge=None):
     """-> 1.0 / 0.0, or None when the judge was unreachable (an infrastructure error, not a wrong answer). The rules
-    are the training reward's own (grpo.rule_score); the judge decides only what they reject (not multiple choice)."""
+    are the training reward's own (grpo.rule_score); the judge decides what they reject, as VLMEvalKit does."""
     if pred is None or not str(pred).strip():
         return 0.0
+    if item.scorer == "ocr":   # OCRBench: any reference contained in the answer
+        return float(any(ocr_match(pred, gold, item.groups) for gold in item.answers))
     if any(G.rule_score(pred, gold, item.question, item.options, item.tolerance) for gold in item.answers):
         return 1.0
-    if judge is None or item.options or re.fullmatch(r"[A-H]", item.answers[0]):
+    if judge is None or item.scorer == "relaxed":   # ChartQA: relaxed accuracy alone, as VLMEvalKit
         return 0.0
     try:
-        ask = judge.math if item.data_source == "reason" else judge.perception
+        if item.options or item.scorer == "mcq":   # VLMEvalKit's "extract the choice" step
+            return float(judged_choice(judge, item, pred) == item.answers[0])
+        ask = judge.math if item.scorer == "math" or item.data_source == "reason" else judge.perception
         return ask(item.question, " or ".join(item.answers), pred)
     except G.JudgeError:
         return None
+
+
+def ocr_match(pred, gold, groups):
+    """OCRBench's rule (VLMEvalKit): the reference, lower-cased, inside the answer; handwritten formulas compared
+    without spaces and line breaks."""
+    if "Handwritten Mathematical Expression Recognition" in groups:
+        squeeze = lambda s: str(s).strip().replace("\n", "").replace(" ", "")
+        return squeeze(gold) in squeeze(pred)
+    plain = lambda s: str(s).lower().strip().replace("\n", " ")
+    return plain(gold) in plain(pred)
+
+
+CHOICE_PROMPT = ("You are given a multiple-choice question and an answer someone wrote to it. Reply with the letter "
+                 "of the option the answer chose, or Z if it chose none of them. Reply with one letter only.\n\n"
+                 "Question: {question}\nAnswer: {prediction}\nLetter:")
+
+
+def judged_choice(judge, item, pred):
+    """The option a free answer means, read by the judge (VLMEvalKit maps free text to an option the same way,
+    with its own wording); a reply without a letter is a JudgeError, never a wrong answer."""
+    reply = judge.chat([{"role": "user", "content": CHOICE_PROMPT.format(question=item.question, prediction=pred)}],
+                       0.0, max_tokens=8)
+    found = re.search(r"\b([A-HZ])\b", reply)
+    if not found:
+        raise G.JudgeError(f"the judge named no option: {reply[:100]!r}")
+    return found.group(1)
 
 
 def prediction(traj):
@@ -217,27 +396,31 @@ def latest_rows(path):
 
 
 def evaluate(model, processor, items, out, batch=16, judge=None, **rollout_kw):
-    """Run every unfinished item through the agent loop (greedy), append each result, return all rows."""
+    """Run every unfinished item through the agent loop (greedy), append each result as soon as its trajectory ends
+    (an interrupt loses only the items in flight), return all rows."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "predictions.jsonl")
     drop_torn_line(path)
     done = {k for k, r in latest_rows(path).items() if not r["infra_error"]}   # infra errors are retried
     todo = [it for it in items if it.id not in done]
-    t0 = time.time()
-    for i in range(0, len(todo), batch):
-        chunk = todo[i:i + batch]
-        samples = [R.Sample([M.load_image(x) for x in it.images], it.question, it.answers[0], it.data_source, it.id)
-                   for it in chunk]
-        trajs = R.rollout(model, processor, samples, temperature=0.0, keep_images=True, **rollout_kw)
-        with open(path, "a", encoding="utf-8") as f:
-            for it, t in zip(chunk, trajs):
-                row = record(it, t, score(prediction(t), it, judge), processor.tokenizer, out)
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        n = i + len(chunk)
-        print(f"\r[{'#' * (30 * n // len(todo))}{'.' * (30 - 30 * n // len(todo))}] {n}/{len(todo)} items "
-              f"({time.time() - t0:.0f}s)", end="", flush=True, file=sys.stderr)
+    t0, finished = time.time(), [0]
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(0, len(todo), batch):
+            chunk = {it.id: it for it in todo[i:i + batch]}
+
+            def write(t):   # called by the rollout the moment a trajectory ends
+                it = chunk[t.sample.id]
+                f.write(json.dumps(record(it, t, score(prediction(t), it, judge), processor.tokenizer, out),
+                                   ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                finished[0] += 1
+                print(f"\r[{'#' * (30 * finished[0] // len(todo))}{'.' * (30 - 30 * finished[0] // len(todo))}] "
+                      f"{finished[0]}/{len(todo)} items ({time.time() - t0:.0f}s)", end="", flush=True,
+                      file=sys.stderr)
+            samples = [R.Sample([M.load_image(x) for x in it.images], it.question, it.answers[0], it.data_source,
+                                it.id) for it in chunk.values()]
+            R.rollout(model, processor, samples, temperature=0.0, keep_images=True, on_done=write, **rollout_kw)
     if todo:
         print(file=sys.stderr)
     rows = latest_rows(path)
@@ -272,37 +455,41 @@ def summarize(rows, label):
     return summary
 
 
-def protocol(args, cfg):
+def protocol(args, bench, data, cfg):
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                                cwd=HERE).stdout.strip()
     except OSError:
         commit = ""
     settings = {k: v for k, v in cfg.items() if k != "prompt"}
-    return dict(bench=args.bench, data=os.path.abspath(args.data), model=args.model, commit=commit,
+    return dict(bench=bench, data=os.path.abspath(data), model=args.model, commit=commit,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"), judge=args.judge_url and args.judge_model,
-                prompt=dict(name=args.prompt, system=cfg["prompt"].system, user=cfg["prompt"].user),
-                rollout=settings, scoring="rules first (option letter / text, numbers within "
-                "tolerance, normalised text), then the judge on what rules reject")
+                prompt=dict(name=prompt_of(args, bench, data), system=cfg["prompt"].system, user=cfg["prompt"].user),
+                rollout=settings, scorer=BENCHES[bench].scorer, rules="option letter / text, numbers within "
+                "tolerance, normalised text over the aliases (grpo.rule_score); then the judge on what they reject")
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bench", required=True, choices=sorted(ITEMS), help="which benchmark")
+    ap.add_argument("--bench", required=True, help="a benchmark, a comma-separated list, or `all` (the paper's "
+                    "22); one of: " + ", ".join(BENCHES))
     ap.add_argument("--model", default=M.DEFAULT_MODEL, help="hub name or folder of the model to evaluate")
-    ap.add_argument("--data", help="benchmark file (default: see WHERE in eval.py)")
-    ap.add_argument("--out", help="output folder (default runs/eval/BENCH[-notools])")
-    ap.add_argument("--no-tools", action="store_true", help="no tools: a plain answer prompt, tool calls refused")
-    ap.add_argument("--limit", type=int, help="only the first N items")
+    ap.add_argument("--data", help="the benchmark's file (one benchmark only; default: $DEEPEYES_DATA/FILE, "
+                    "fetched when a public URL is known)")
+    ap.add_argument("--out", help="output folder (default runs/eval/BENCH[-notools]; with several benchmarks, "
+                    "one folder each inside it)")
+    ap.add_argument("--no-tools", action="store_true", help="no tools: the direct prompt, tool calls refused")
+    ap.add_argument("--limit", type=int, help="only the first N items of each benchmark")
     ap.add_argument("--batch", type=int, default=16, help="items per rollout batch")
-    ap.add_argument("--max-turns", type=int, default=11, help="model turns per item (the paper: up to 11 tool calls)")
-    ap.add_argument("--max-turn-tokens", type=int, default=8192, help="tokens per model turn")
-    ap.add_argument("--max-response-tokens", type=int, default=16384, help="response budget, observations included")
+    ap.add_argument("--max-turns", type=int, default=12, help="model turns per item (the paper: up to 11 tool "
+                    "calls, then the answer)")
+    ap.add_argument("--max-turn-tokens", type=int, default=20480, help="new tokens per model turn (the paper)")
+    ap.add_argument("--max-response-tokens", type=int, default=32768, help="response budget, observations included")
     ap.add_argument("--max-pixels", type=int, default=M.RL_MAX_PIXELS, help="pixel cap of input images")
     ap.add_argument("--search-url", default=None, help="search backend (default $DEEPEYES_SEARCH_URL or local)")
     ap.add_argument("--prompt", help="agent, code, direct (the original's, data/prompts/) or a system prompt file; "
-                    "default: the paper's for the benchmark (code for the VLMEvalKit sets, agent for RealX), "
-                    "direct with --no-tools")
+                    "default: the paper's for each benchmark (code for the VLMEvalKit sets, agent for RealX and the "
+                    "search sets), direct with --no-tools")
     ap.add_argument("--judge-url", default=os.environ.get("JUDGE_URL"), help="OpenAI-compatible judge base URL "
                     "(default $JUDGE_URL; none: rules only)")
     ap.add_argument("--judge-model", default=os.environ.get("JUDGE_MODEL", "Qwen2.5-72B-Instruct"), help="judge model")
@@ -310,18 +497,27 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     M.check_args(ap, args, positive=("limit", "batch", "max_turns", "max_turn_tokens", "max_response_tokens",
                                      "max_pixels"))
-    args.data = args.data or WHERE[args.bench][1]
-    args.prompt = args.prompt or ("direct" if args.no_tools else PROMPT_OF.get(args.bench)) or \
-        os.path.join(os.path.dirname(args.data), "world_system_prompt.txt")
-    args.out = args.out or os.path.join("runs", "eval", args.bench + ("-notools" if args.no_tools else ""))
+    args.benches = PAPER if args.bench == "all" else args.bench.split(",")
+    unknown = [b for b in args.benches if b not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHES)}")
+    if args.data and len(args.benches) > 1:
+        ap.error("--data names the file of one benchmark")
     return args
 
 
-def rollout_config(args):
+def prompt_of(args, bench, data):
+    """--prompt, else the paper's for the benchmark; the miniature's own prompt lies beside its data."""
+    if args.prompt or args.no_tools:
+        return args.prompt or "direct"
+    return BENCHES[bench].prompt or os.path.join(os.path.dirname(data), "world_system_prompt.txt")
+
+
+def rollout_config(args, prompt):
     """Greedy; image_i in the sandbox is the resized image the model sees (as the original's evaluation)."""
     return dict(max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens, tools_on=not args.no_tools,
                 max_response_tokens=args.max_response_tokens, max_pixels=args.max_pixels, search_url=args.search_url,
-                prompt=R.load_prompt(args.prompt), sandbox_sees="model")
+                prompt=R.load_prompt(prompt), sandbox_sees="model")
 
 
 def claim_output(out, proto, overwrite):
@@ -345,18 +541,47 @@ def claim_output(out, proto, overwrite):
         json.dump(proto, f, indent=1)
 
 
+def print_table(results):
+    """One row a benchmark: our number beside the paper's (OCRBench as a count out of 1000, as the paper prints)."""
+    cell = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
+    print(f"\n{'benchmark':22s} {'ours':>7s} {'DeepEyesV2':>11s} {'Qwen2.5-VL':>11s} {'items':>6s} "
+          f"{'tools/item':>10s} {'turns':>6s}")
+    for name, r in results.items():
+        paper = BENCHES[name].paper
+        if isinstance(r, str):
+            print(f"{name:22s} {'-':>7s} {cell(paper[0]):>11s} {cell(paper[1]):>11s}  {r}")
+            continue
+        ours = r["accuracy"] * (10 if BENCHES[name].scorer == "ocr" else 1)
+        print(f"{name:22s} {ours:7.1f} {cell(paper[0]):>11s} {cell(paper[1]):>11s} {r['scored']:6d} "
+              f"{r['tool_calls_per_item']:10.2f} {r['mean_turns']:6.2f}")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    items = load(args.bench, args.data)[:args.limit]
-    cfg = rollout_config(args)
-    claim_output(args.out, protocol(args, cfg), args.overwrite)
-    model, processor = M.load_model(args.model)
+    model = processor = None
+    results = {}
     judge = G.LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
-    rows = evaluate(model, processor, items, args.out, args.batch, judge, **cfg)
-    name = "RealX (public 194)" if args.bench == "realx" and len(items) == 194 else args.bench
-    summary = summarize(rows, f"{name}, {len(items)} items" + (", no tools" if args.no_tools else ""))
-    print(json.dumps(summary))
-    return summary
+    for bench in args.benches:
+        data = args.data or fetch(bench, default_path(bench)) or default_path(bench)
+        if not os.path.exists(data):   # one benchmark: stop and say where the file comes from; several: go on
+            if len(args.benches) == 1:
+                sys.exit(missing(bench, data))
+            results[bench] = f"not run: no file at {data} ({BENCHES[bench].source})"
+            continue
+        items = load(bench, data)[:args.limit]
+        cfg = rollout_config(args, prompt_of(args, bench, data))
+        folder = bench + ("-notools" if args.no_tools else "")
+        out = (os.path.join(args.out, folder) if len(args.benches) > 1 else args.out) if args.out else \
+            os.path.join("runs", "eval", folder)
+        claim_output(out, protocol(args, bench, data, cfg), args.overwrite)
+        if model is None:
+            model, processor = M.load_model(args.model)
+        rows = evaluate(model, processor, items, out, args.batch, judge, **cfg)
+        name = "RealX (public 194)" if bench == "RealX" and len(items) == 194 else bench
+        results[bench] = summarize(rows, f"{name}, {len(items)} items" + (", no tools" if args.no_tools else ""))
+    print_table(results)
+    print(json.dumps(results))
+    return results[args.benches[0]] if len(args.benches) == 1 else results
 
 
 if __name__ == "__main__":

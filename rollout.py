@@ -371,8 +371,9 @@ DEFAULTS = dict(temperature=1.0, top_p=1.0, max_turns=9, max_turn_tokens=8192, m
 
 
 @torch.no_grad()
-def rollout(model, processor, samples, n=1, script=None, **overrides):
-    """Run n trajectories per sample to the end. `script(traj, turn) -> text or ids` forces a scripted policy's turns."""
+def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrides):
+    """Run n trajectories per sample to the end. `script(traj, turn) -> text or ids` forces a scripted policy;
+    `on_done(traj)` is called the moment a trajectory ends (eval writes it out then)."""
     cfg = dict(DEFAULTS, **overrides)
     tok = processor.tokenizer
     prompt = cfg["prompt"] or load_prompt("agent")
@@ -382,16 +383,28 @@ def rollout(model, processor, samples, n=1, script=None, **overrides):
     def sandbox_of(t):   # one sandbox per trajectory, started on its first code call
         if id(t) not in boxes:
             images = t.sample.images
-            if cfg["sandbox_sees"] == "model":   # eval, as the original: image_i is the resized image the model
-                images = [prepare_image(im, max_pixels=cfg["max_pixels"] or RL_MAX_PIXELS) for im in images]   # sees
+            if cfg["sandbox_sees"] == "model":   # eval, as the original: image_i is the resized image the model sees
+                images = [prepare_image(im, max_pixels=cfg["max_pixels"] or RL_MAX_PIXELS) for im in images]
             boxes[id(t)] = tools.Sandbox(images, timeout=cfg["sandbox_timeout"])
         return boxes[id(t)]
 
     for t in trajs:
         if t.prompt_len > cfg["max_prompt_tokens"]:
             t.finish = "prompt_too_long"
+    ended = set()
+
+    def report_ended():   # each trajectory that has ended since the last call: decoded, then handed to on_done
+        for t in trajs:
+            if t.finish and id(t) not in ended:
+                ended.add(id(t))
+                t.cache, t.forced = None, []
+                t.response = tok.decode(t.seq.ids[t.prompt_len:])
+                if on_done is not None:
+                    on_done(t)
+
     pool = ThreadPoolExecutor(max_workers=min(32, max(1, len(trajs))))
     try:
+        report_ended()
         while active := [t for t in trajs if not t.finish]:
             for t in active:
                 t.turn_ids = []
@@ -428,13 +441,11 @@ def rollout(model, processor, samples, n=1, script=None, **overrides):
                     t.finish = "infra_error"
                 else:
                     append_observation(processor, t, text, images, cfg)
+            report_ended()
     finally:
         pool.shutdown()
         for box in boxes.values():
             box.close()
-    for t in trajs:
-        t.cache, t.forced = None, []
-        t.response = tok.decode(t.seq.ids[t.prompt_len:])
     return trajs
 
 

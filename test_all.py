@@ -708,7 +708,7 @@ def test_eval_table_per_skill_flag_and_integration(capsys):
 
 def test_eval_resumes_after_a_crash_without_redoing_items(tiny, tmp_path):
     model, processor, _ = tiny
-    items = E.load("mathvision", MATHVISION)[:6]
+    items = E.load("MathVision_testmini", MATHVISION)[:6]
     seen = []
 
     def crash_on_fourth(traj, turn):
@@ -734,13 +734,13 @@ def test_eval_reports_malformed_benchmark_lines_and_skips_them(tmp_path, capsys)
     path = tmp_path / "testmini.jsonl"
     path.write_text("\n".join(lines) + "\n")
     os.symlink(os.path.join(os.path.dirname(MATHVISION), "images"), tmp_path / "images")
-    assert len(E.load("mathvision", str(path))) == 5
+    assert len(E.load("MathVision_testmini", str(path))) == 5
     assert "testmini.jsonl:3: skipped" in capsys.readouterr().err
 
 
 def test_eval_on_real_mathvision_testmini_end_to_end(tiny, tmp_path):
     model, processor, _ = tiny
-    items = E.load("mathvision", MATHVISION)
+    items = E.load("MathVision_testmini", MATHVISION)
     assert len(items) == 129 and all(os.path.exists(it.images[0]) for it in items)   # the subset in data/
     right = E.evaluate(model, processor, items, str(tmp_path / "gold"), batch=64,
                        script=answering(lambda t: t.sample.answer), **TINY_EVAL)
@@ -802,15 +802,15 @@ def test_eval_loads_vlmevalkit_tsv_and_realx_jsonl(tmp_path):
     b64 = __import__("base64").b64encode(buf.getvalue()).decode()
     (tmp_path / "v.tsv").write_text("index\timage\tquestion\tA\tB\tC\tanswer\tcategory\n"
                                     f"7\t{b64}\tWhat colour?\tred\tblue\t\tA\tdirect_attributes\n")
-    [v] = E.load("vstar", str(tmp_path / "v.tsv"))
+    [v] = E.load("VStarBench", str(tmp_path / "v.tsv"))
     assert v.options == ["red", "blue"] and v.answers == ["A"] and v.groups == ["direct_attributes"]
-    assert "(B) blue" in v.question and Image.open(__import__("io").BytesIO(v.images[0])).size == (30, 20)
+    assert "\nB. blue\n" in v.question and Image.open(__import__("io").BytesIO(v.images[0])).size == (30, 20)
     assert E.score("red", v) == 1.0 and E.score("(B)", v) == 0.0
     Image.new("RGB", (30, 20)).save(tmp_path / "r.png")
     rows = [dict(query="Where?", answer="Paris or Lyon", perception=1, search=1, reason=1, image="r.png"),
             dict(query="Who?", answer="Ada", perception=0, search=1, reason=0, image="r.png")]
     (tmp_path / "realx.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    a, b = E.load("realx", str(tmp_path / "realx.jsonl"))
+    a, b = E.load("RealX", str(tmp_path / "realx.jsonl"))
     assert a.groups == ["perception", "search", "reason", "integration"] and a.answers == ["Paris", "Lyon"]
     assert b.groups == ["search"] and b.data_source == "search" and E.score("lyon", a) == 1.0
 
@@ -1160,12 +1160,12 @@ def test_bad_rows_are_skipped_and_counted_in_sft_rl_and_eval(tmp_path, capsys):
               {"id": "x"}]
     (tmp_path / "mv.jsonl").write_text("\n".join(lines[:1] + [json.dumps(b) for b in broken] + lines[3:]) + "\n")
     os.symlink(os.path.join(os.path.dirname(MATHVISION), "images"), tmp_path / "images")
-    assert len(E.load("mathvision", str(tmp_path / "mv.jsonl"))) == 2
+    assert len(E.load("MathVision_testmini", str(tmp_path / "mv.jsonl"))) == 2
     assert "3 bad rows skipped, 2 items kept" in capsys.readouterr().err
 
 
 def test_eval_refuses_another_models_predictions_and_repairs_a_torn_line(tiny, qwen_tiny, tmp_path):
-    argv = ["--bench", "mathvision", "--data", MATHVISION, "--limit", "2", "--out", str(tmp_path / "run"),
+    argv = ["--bench", "MathVision_testmini", "--data", MATHVISION, "--limit", "2", "--out", str(tmp_path / "run"),
             "--max-turns", "1", "--max-turn-tokens", "4", "--batch", "2"]
     E.main(argv + ["--model", tiny[2]])
     with pytest.raises(SystemExit, match="another run"):
@@ -1181,7 +1181,8 @@ def test_eval_refuses_another_models_predictions_and_repairs_a_torn_line(tiny, q
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
     for parse, argv in [(G.parse_args, ["--group", "1"]), (G.parse_args, ["--prompts", "0"]),
                         (S.parse_args, ["--epochs", "0"]), (S.parse_args, ["--grad-accum", "0"]),
-                        (E.parse_args, ["--bench", "toy", "--limit", "-1"]), (E.parse_args, ["--bench", "toy", "--batch", "0"])]:
+                        (E.parse_args, ["--bench", "toy", "--limit", "-1"]), (E.parse_args, ["--bench", "toy", "--batch", "0"]),
+                        (E.parse_args, ["--bench", "NoSuchBench"])]:
         with pytest.raises(SystemExit):
             parse(argv)
     (tmp_path / "empty.jsonl").write_text("")
@@ -1237,3 +1238,147 @@ def test_sandbox_ends_stray_threads_and_stale_figures_and_runs_unprivileged():
         assert len(sb.run("plt.figure(); plt.plot([1]); plt.show()")["images"]) == 1
         r = sb.run("import os; print(os.getuid() != 0); open('/etc/shadow')")
         assert r["stdout"] == "True\n" and "PermissionError" in r["stderr"]
+
+
+# ================================================================================================ the paper's evaluation
+def b64_png(colour, size=(40, 30)):
+    import base64
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_tsv(path, rows):
+    cols = sorted({k for r in rows for k in r}, key=lambda c: ["index", "image", "question"].index(c)
+                  if c in ("index", "image", "question") else 3)
+    path.write_text("\t".join(cols) + "\n" + "".join("\t".join(str(r.get(c, "")) for c in cols) + "\n" for r in rows))
+    return str(path)
+
+
+def benchmark_files(root):
+    """One small file per loader, in the format its benchmark is published in."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    red, blue = b64_png("red"), b64_png("blue")
+    write_tsv(root / "VStarBench.tsv", [   # multiple choice; row 3 points at row 1's image, row 4 has two images
+        dict(index=1, image=red, question="What colour?", A="red", B="blue", answer="A", category="attr"),
+        dict(index=2, image=blue, question="What colour?", A="red", B="blue", answer="B", category="attr"),
+        dict(index=3, image="1", question="Which side?", A="left", B="right", C="up", answer="C", category="pos"),
+        dict(index=4, image=str([red, blue]), question="Same?", A="yes", B="no", answer="A", category="pos")])
+    write_tsv(root / "OCRBench.tsv", [
+        dict(index=0, image=red, question="Read it.", answer=str(["STOP", "stop sign"]), category="Regular Text Recognition"),
+        dict(index=1, image=blue, question="Write it.", answer=str(["x^{2}+1"]),
+             category="Handwritten Mathematical Expression Recognition")])
+    write_tsv(root / "ChartQA_TEST.tsv", [dict(index=0, image=red, question="Peak?", answer="100"),
+                                          dict(index=1, image=blue, question="Who?", answer="Ada")])
+    write_tsv(root / "MathVista_MINI.tsv", [dict(index=0, image=red, question="x?", answer="0.5"),
+                                            dict(index=1, image=red, question="Pick", A="3", B="4", answer="4")])
+    raw = __import__("base64").b64decode(red)
+    pq.write_table(pa.Table.from_pylist([
+        dict(query="Where?", answer="Paris or Lyon", perception=1, search=1, reason=1, image={"bytes": raw, "path": None}),
+        dict(query="Who?", answer="Ada", perception=0, search=1, reason=0, image={"bytes": raw, "path": None})]),
+        root / "RealXBench.parquet")
+    (root / "FVQA-test.jsonl").write_text(
+        json.dumps(dict(id="f1", question="Which tower?", answer="Eiffel Tower", aliases=["La tour Eiffel"],
+                        image=red)) + "\n" +
+        json.dumps(dict(id="f2", question="Which river?", answer=["Seine", "la Seine"], image=blue)) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("bench", ["VStarBench", "OCRBench", "ChartQA_TEST", "MathVista_MINI", "RealX", "FVQA-test"])
+def test_each_loader_reads_its_published_format_and_scores_gold_as_right(bench, tmp_path):
+    benchmark_files(tmp_path)
+    path = str(tmp_path / E.BENCHES[bench].file)
+    items = E.load(bench, path)
+    assert len(items) in (2, 4) and all(E.score(it.answers[0], it) == 1.0 for it in items)   # gold: 100%
+    constant_a = sum(E.score("A", it) for it in items)
+    assert constant_a == sum(it.answers[0] == "A" for it in items)   # "A" scores exactly the share of gold "A"
+    for it in items:
+        if it.options:   # the option's text scores as its letter
+            assert E.score(it.options[E.LETTERS.index(it.answers[0])], it) == 1.0
+    if bench == "VStarBench":
+        assert len(items[3].images) == 2 and items[2].images[0] == items[0].images[0]
+        assert "Question: Which side?\nOptions:\nA. left\nB. right\nC. up\n" in items[2].question
+    if bench == "OCRBench":   # a reference inside the answer; formulas without spaces
+        assert E.score("It says STOP here", items[0]) == 1.0 and E.score("x ^ { 2 } + 1", items[1]) == 1.0
+    if bench == "ChartQA_TEST":
+        assert E.score("104", items[0]) == 1.0 and E.score("106", items[0]) == 0.0
+    if bench == "FVQA-test":
+        assert E.score("la tour eiffel", items[0]) == 1.0 and items[1].answers == ["Seine", "la Seine"]
+    os.remove(path)
+    with pytest.raises(SystemExit) as e:
+        E.load(bench, path)
+    assert "Get it from" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_judge_maps_a_free_answer_to_an_option_and_its_outage_is_retried(fake_judge, tiny, tmp_path):
+    url, seen, replies = fake_judge
+    judge = G.LLMJudge(url, "j", retries=1)
+    [item] = [it for it in E.load("VStarBench", str(benchmark_files(tmp_path) / "VStarBench.tsv")) if it.id == "2"]
+    replies += ["B"]
+    assert E.score("the second one, I think blue-ish", item, judge) == 1.0
+    assert "Answer: the second one, I think blue-ish" in seen[-1]["messages"][0]["content"]
+    replies += ["none of them: Z"]
+    assert E.score("green", item, judge) == 0.0
+    model, processor, _ = tiny   # an outage mid-run: the item is an infrastructure error, and the rerun retries it
+    replies += [None]
+    say = lambda text: (lambda traj, turn: f"<think>so</think><answer>{text}</answer><|im_end|>")
+    [row] = E.evaluate(model, processor, [item], str(tmp_path / "run"), judge=judge, script=say("bluish"),
+                       **TINY_EVAL)
+    assert row["infra_error"] and row["correct"] is None
+    replies += ["B"]
+    [row] = E.evaluate(model, processor, [item], str(tmp_path / "run"), judge=judge, script=say("bluish"),
+                       **TINY_EVAL)
+    assert not row["infra_error"] and row["correct"] == 1.0
+
+
+def test_bench_all_prints_the_papers_table_and_records_each_protocol(tiny, tmp_path, monkeypatch, capsys):
+    os.makedirs(tmp_path / "data")
+    monkeypatch.setattr(E, "DATA_DIR", str(benchmark_files(tmp_path / "data")))
+    monkeypatch.setattr(E.requests, "get", lambda *a, **k: (_ for _ in ()).throw(E.requests.ConnectionError("offline")))
+    results = E.main(["--bench", "all", "--model", tiny[2], "--limit", "2", "--out", str(tmp_path / "runs"),
+                      "--max-turns", "1", "--max-turn-tokens", "4", "--batch", "4"])
+    out = capsys.readouterr().out
+    assert set(results) == set(E.PAPER) and len(E.PAPER) == 22
+    ran = [b for b, r in results.items() if not isinstance(r, str)]
+    assert sorted(ran) == sorted(["VStarBench", "OCRBench", "ChartQA_TEST", "MathVista_MINI", "RealX", "FVQA-test"])
+    assert "DeepEyesV2" in out and "Qwen2.5-VL" in out and "not run: no file" in out
+    assert any(line.startswith("HRBench4K") and "77.9" in line and "71.6" in line for line in out.splitlines())
+    for bench in ran:
+        proto = json.load(open(tmp_path / "runs" / bench / "protocol.json"))
+        assert proto["prompt"]["name"] == E.BENCHES[bench].prompt and proto["scorer"] == E.BENCHES[bench].scorer
+        assert proto["rollout"]["max_turn_tokens"] == 4 and results[bench]["items"] == 2
+
+
+def test_benchmark_download_is_checked_and_cached(tmp_path, monkeypatch):
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    good = open(write_tsv(tmp_path / "src.tsv", [dict(index=0, image=b64_png("red"), question="q", answer="1")]),
+                "rb").read()
+    served = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            served.append(self.path)
+            body = good if self.path == "/good.tsv" else good.replace(b"q", b"Q")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    md5 = hashlib.md5(good).hexdigest()
+    monkeypatch.setitem(E.BENCHES, "OCRBench", E.vlmevalkit("OCRBench", "ocr", url=base + "/good.tsv", md5=md5))
+    path = str(tmp_path / "cache" / "OCRBench.tsv")
+    assert E.fetch("OCRBench", path) == path and open(path, "rb").read() == good and served == ["/good.tsv"]
+    assert E.fetch("OCRBench", path) == path and served == ["/good.tsv"]          # cached: not fetched again
+    monkeypatch.setitem(E.BENCHES, "OCRBench", E.vlmevalkit("OCRBench", "ocr", url=base + "/bad.tsv", md5=md5))
+    os.remove(path)
+    assert E.fetch("OCRBench", path) is None and not os.path.exists(path)         # a corrupt copy is refused
+    server.shutdown()

@@ -2,13 +2,14 @@
 
   Sandbox(images)              one locked-down, notebook-like Python process per trajectory
   text_search(q) / image_search(img) -> (observation text, images)   the original's format, Serper-style JSON
-  parse_action(turn_text)      -> Action: answer / code / search / image_search / error / none (the original's precedence)
+  parse_action(turn_text)      -> Action: answer / code / search / image_search / error / none (original precedence)
   python tools.py serve        the embedded search backend on 127.0.0.1 (BM25 over data/ text, image nearest neighbour)
   python tools.py --bench      sandbox latency: session start, warm call, 16 parallel sessions vs a fresh process
 
 How the sandbox is limited (all of it in `_lock_down`, the one place to read):
-  - a *zygote* process imports numpy / PIL / matplotlib / cv2 / scipy / pandas / sympy / scikit-learn once; each session is a fork of it, so a session starts in
-    milliseconds with everything preloaded, and `image_1 .. image_n` are defined before the first call;
+  - a *zygote* process imports numpy / PIL / matplotlib / cv2 / scipy / pandas / sympy / scikit-learn once; each
+    session is a fork of it, so a session starts in milliseconds with everything preloaded, and `image_1 ..
+    image_n` are defined before the first call;
   - the session gets new network and mount namespaces: no network at all, the whole file system read-only,
     /proc hidden (no host environment to read), a size-capped tmpfs as the only writable place (its cwd, TMPDIR);
   - a session started by root drops to the unprivileged uid 65534 (root-only host files stay unreadable);
@@ -17,7 +18,9 @@ How the sandbox is limited (all of it in `_lock_down`, the one place to read):
   - rlimits: address space, CPU seconds, file size, open files; each call has a timeout (SIGALRM inside, a hard
     kill outside, after which the session restarts with its images and says so); stdout/stderr are bounded.
   - the host reads results as length-prefixed JSON with a size cap, never pickle: a session cannot make the host
-    execute anything.
+    execute anything; each call carries a fresh nonce, and a reply that does not answer it (code inside the session
+    can write to the channel) restarts the session as an infrastructure error;
+  - threads a call leaves running are stopped, and figures it leaves open closed, when the call ends.
 What it does NOT protect against: kernel bugs (it shares the host kernel); reading world-readable files (allowed by
 design: only writes are confined); CPU side channels; the sum of many sessions' memory caps exceeding the host's;
 a machine where neither root nor unprivileged user namespaces are available -- there the sandbox refuses to start
@@ -384,7 +387,8 @@ class Sandbox:
         self._check_protections()
 
     def _check_protections(self):
-        missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities", "seccomp", "unprivileged")
+        missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities", "seccomp",
+                               "unprivileged")
                    if not self.protections.get(k)]
         if not missing:
             return
