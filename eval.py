@@ -363,16 +363,21 @@ def prediction(traj):
 
 
 def record(item, traj, correct, tok, out):
-    """One output line: the verdict and the whole trajectory, images by path (tool-output images saved to out/)."""
+    """One output line: the verdict and the whole trajectory, every image by path in order (the inputs as the
+    benchmark names them, or saved under out/images/ when they came as bytes; then the tool outputs' images)."""
     text = re.sub(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>", "<image>", tok.decode(traj.seq.ids))
-    saved = []
-    for k, img in enumerate(traj.obs_images):
-        saved.append(os.path.join("images", f"{re.sub(r'[^A-Za-z0-9_.-]', '_', item.id)}-{k}.png"))
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", item.id)
+    images = []
+    for k, (img, name) in enumerate(zip([*item.images, *traj.obs_images], [*item.image_paths, *traj.obs_images])):
+        if isinstance(img, str):   # an input file: named as the benchmark names it
+            images.append(name)
+            continue
+        images.append(os.path.join("images", f"{stem}-{k}.png"))
         os.makedirs(os.path.join(out, "images"), exist_ok=True)
-        img.save(os.path.join(out, saved[-1]))
-    return dict(id=item.id, prediction=prediction(traj), answers=item.answers, correct=correct, groups=item.groups,
-                turns=traj.turns, calls=dict(traj.calls), finish=traj.finish,
-                infra_error=traj.infra_errors > 0 or correct is None, images=item.image_paths + saved, trajectory=text)
+        (M.load_image(img) if isinstance(img, bytes) else img).save(os.path.join(out, images[-1]))
+    return dict(id=item.id, question=item.question, prediction=prediction(traj), answers=item.answers,
+                correct=correct, groups=item.groups, turns=traj.turns, calls=dict(traj.calls), finish=traj.finish,
+                infra_error=traj.infra_errors > 0 or correct is None, images=images, trajectory=text)
 
 
 def drop_torn_line(path):
@@ -556,7 +561,106 @@ def print_table(results):
               f"{r['tool_calls_per_item']:10.2f} {r['mean_turns']:6.2f}")
 
 
+# ================================================================================================ the report
+REPORT_STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+.card{border:1px solid #bbb;border-radius:6px;margin:1.2em 0;padding:.6em 1em}.card.right{border-left:6px solid #2a2}
+.card.wrong{border-left:6px solid #c33}.card.infra{border-left:6px solid #888}pre{white-space:pre-wrap;margin:.3em 0;
+padding:.4em;background:#f6f6f6;border-radius:4px}.think{color:#666;font-style:italic}.code{background:#eef3ff}
+.call{background:#fff4e0}.answer{font-weight:bold;background:#e8f7e8}.obs{background:#fafafa;border-left:3px solid #ddd}
+img{max-width:320px;max-height:320px;border:1px solid #ccc;margin:3px}.turn{margin:.5em 0}.role{font-size:12px;
+color:#888;text-transform:uppercase}"""
+REPORT_FILTER = """function show(v){for(const c of document.querySelectorAll('.card')){const k=c.dataset;
+c.style.display=(v=='all'||(v=='right'&&k.verdict=='right')||(v=='wrong'&&k.verdict=='wrong')||
+k.tools.split(' ').includes(v))?'':'none'}}"""
+TAGGED = re.compile(r"(<think>.*?</think>|<code>.*?</code>|<tool_call>.*?</tool_call>|<answer>.*?</answer>)", re.S)
+
+
+def report(run_dir, data_root=None):
+    """run_dir/report.html: one self-contained page (images embedded, no server, no CDN) with the summary table and
+    one card per item: question and input images, every turn in order (thinking, code, tool output and its images,
+    search results), the answer, the gold answer and the verdict. Everything the model or a tool wrote is escaped."""
+    import html
+    path = os.path.join(run_dir, "predictions.jsonl")
+    if not os.path.exists(path):
+        sys.exit(f"error: no predictions.jsonl in {run_dir}: run eval.py first")
+    rows = list(latest_rows(path).values())
+    proto = json.load(open(os.path.join(run_dir, "protocol.json"))) if os.path.exists(
+        os.path.join(run_dir, "protocol.json")) else {}
+    data_root = data_root or os.path.dirname(proto.get("data", ""))   # where input images are named from
+    summary = summarize(rows, proto.get("bench", os.path.basename(run_dir.rstrip("/"))))
+    esc = html.escape
+
+    def image_tag(name):
+        for where in (os.path.join(run_dir, name), os.path.join(data_root, name)):
+            if os.path.isfile(where):
+                return f'<img src="data:image/png;base64,{base64.b64encode(open(where, "rb").read()).decode()}">'
+        return f"<span>[image {esc(name)} not found]</span>"
+
+    def with_images(text, images, css):   # text with "<image>" marks -> escaped blocks and the images in order
+        parts = text.split("<image>")
+        out = [f'<pre class="{css}">{esc(p)}</pre>' if p.strip() else "" for p in parts[:1]]
+        for p in parts[1:]:
+            out.append(image_tag(images.pop(0)) if images else "")
+            out.append(f'<pre class="{css}">{esc(p)}</pre>' if p.strip() else "")
+        return "".join(out)
+
+    def model_turn(text, images):
+        css = lambda part: next((c for tag, c in (("<think>", "think"), ("<code>", "code"), ("<tool_call>", "call"),
+                                                  ("<answer>", "answer")) if part.startswith(tag)), "plain")
+        return "".join(with_images(part, images, css(part)) for part in TAGGED.split(text) if part.strip())
+
+    cards = []
+    for r in rows:
+        images = list(r.get("images", []))
+        turns = [t.split("\n", 1) for t in r["trajectory"].split("<|im_start|>")[1:]]
+        body = []
+        for k, (role, text) in enumerate(turns):
+            text = text.replace("<|im_end|>", "").rstrip("\n")
+            if role == "system":
+                body.append(f"<details><summary class=role>system prompt</summary><pre>{esc(text)}</pre></details>")
+            elif role == "user":
+                label = "question" if k <= 1 else "tool output"
+                body.append(f'<div class=turn><div class=role>{label}</div>'
+                            f'{with_images(text, images, "plain" if k <= 1 else "obs")}</div>')
+            else:
+                body.append(f'<div class=turn><div class=role>model</div>{model_turn(text, images)}</div>')
+        verdict = "infra" if r["infra_error"] else "right" if r["correct"] else "wrong"
+        tools = " ".join(k for k, v in r["calls"].items() if v)
+        cards.append(f'<div class="card {verdict}" data-verdict="{verdict}" data-tools="{esc(tools)}">'
+                     f'<h3>{esc(str(r["id"]))} &middot; {verdict}</h3>{"".join(body)}'
+                     f'<p><b>answer:</b> {esc(str(r["prediction"]))} &nbsp; <b>gold:</b> '
+                     f'{esc(" | ".join(map(str, r["answers"])))} &nbsp; <b>finish:</b> {esc(r["finish"])} '
+                     f'&nbsp; <b>tools:</b> {esc(tools or "none")}</p></div>')
+    groups = "".join(f"<tr><td style=text-align:left>{esc(g)}</td><td>{v['n']}</td><td>{v['accuracy']:.1f}</td></tr>"
+                     for g, v in summary["groups"].items())
+    rates = ", ".join(f"{esc(k)} {v:.0f}%" for k, v in summary["tool_rate"].items()) or "none"
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{esc(summary['label'])}</title>"
+            f"<style>{REPORT_STYLE}</style><script>{REPORT_FILTER}</script></head><body>"
+            f"<h1>{esc(summary['label'])}</h1><p>model {esc(str(proto.get('model', '?')))}, prompt "
+            f"{esc(str(proto.get('prompt', {}).get('name', '?')))}; {summary['scored']} items scored, "
+            f"{summary['infra_errors']} infrastructure errors</p><table><tr><th>group</th><th>items</th>"
+            f"<th>accuracy</th></tr><tr><td style=text-align:left>overall</td><td>{summary['scored']}</td>"
+            f"<td>{summary['accuracy']:.1f}</td></tr>{groups}</table><p>tool-call rate: {rates}; calls per item "
+            f"{summary['tool_calls_per_item']:.2f}; mean turns {summary['mean_turns']:.2f}</p>"
+            f"<p>show <select onchange=show(this.value)><option value=all>all</option><option value=wrong>wrong"
+            f"</option><option value=right>right</option><option value=code>used code</option><option "
+            f"value=search>used search</option><option value=image_search>used image search</option></select></p>"
+            f"{''.join(cards)}</body></html>")
+    out = os.path.join(run_dir, "report.html")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(page)
+    print(f"wrote {out} ({len(rows)} items)")
+    return out
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        ap = argparse.ArgumentParser(description="write RUN_DIR/report.html: every item's turns, code, tool "
+                                     "outputs and images, in one offline page")
+        ap.add_argument("run_dir", help="an eval output folder (predictions.jsonl, protocol.json)")
+        return report(ap.parse_args(argv[1:]).run_dir)
     args = parse_args(argv)
     model = processor = None
     results = {}

@@ -17,10 +17,12 @@ Commands:
   python model.py --tiny /tmp/tiny          # build and save a tiny random model, then reload it and score a sample
 """
 import argparse
+import functools
 import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -157,11 +159,25 @@ def encode(processor, text, images=(), max_pixels=RL_MAX_PIXELS):
 
 
 def encode_plain(tok, text):
-    """Token ids of `text` as plain text: a special-token string ("<|im_end|>", "<tool_call>") is encoded like any
-    other text, never as the special token. For untrusted text (tool output) only."""
-    backend = tok.backend_tokenizer
-    text = backend.normalizer.normalize_str(text) if backend.normalizer else text
-    return [t.id for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text) for t in backend.model.tokenize(piece)]
+    """Token ids of untrusted text (tool output): the strings of Qwen's special tokens and of <tool_call> /
+    </tool_call> are encoded as the plain text they are, never as those tokens; everything else as usual (a word
+    the vocabulary has as one added token stays that token)."""
+    ids = []
+    for k, part in enumerate(guarded_tokens(tok).split(text)):
+        if k % 2:   # a special token's string: its plain byte-level BPE pieces
+            backend = tok.backend_tokenizer
+            ids += [t.id for piece, _ in backend.pre_tokenizer.pre_tokenize_str(part)
+                    for t in backend.model.tokenize(piece)]
+        elif part:
+            ids += tok.encode(part, add_special_tokens=False)
+    return ids
+
+
+@functools.lru_cache(maxsize=8)
+def guarded_tokens(tok):
+    """A regex that splits text at the strings of the tokenizer's special tokens (and <tool_call> / </tool_call>)."""
+    strings = sorted((t for t in QWEN_ADDED if t in tok.get_vocab()), key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, strings)) + ")")
 
 
 def rope_positions(model, seq, device=None):

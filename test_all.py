@@ -1382,3 +1382,23 @@ def test_benchmark_download_is_checked_and_cached(tmp_path, monkeypatch):
     os.remove(path)
     assert E.fetch("OCRBench", path) is None and not os.path.exists(path)         # a corrupt copy is refused
     server.shutdown()
+
+
+def test_report_shows_every_turn_in_order_with_images_and_escapes_the_model(tiny, tmp_path):
+    model, processor, _ = tiny
+    items = E.load("MathVision_testmini", MATHVISION)[:2]
+    crop = "<think>zoom <script>alert(1)</script></think><code>\n```python\nimage_1.crop((0, 0, 20, 20)).show()\n```\n</code>"
+    answer = "<think>done</think><answer>A</answer><|im_end|>"
+    script = lambda traj, turn: [crop, answer][turn] if traj.sample.id == items[0].id else answer
+    E.evaluate(model, processor, items, str(tmp_path), script=script, **dict(TINY_EVAL, max_turn_tokens=96))
+    json.dump({"bench": "MathVision_testmini", "data": MATHVISION, "model": "tiny", "prompt": {"name": "agent"}},
+              open(tmp_path / "protocol.json", "w"))
+    page = open(E.main(["report", str(tmp_path)]), encoding="utf-8").read()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    start = page.index(f"<h3>{items[0].id} ")
+    card = page[start:page.find('<div class="card', start) % (len(page) + 1)]
+    order = ["role>question", "zoom &lt;script", "image_1.crop((0, 0, 20, 20))", "role>tool output",
+             "Code execution result", "&lt;think&gt;done", "<b>answer:</b>"]
+    assert [card.index(word) for word in order] == sorted(card.index(word) for word in order)
+    assert card.count("<img src=\"data:image/png;base64,") == 2          # the input image and the crop it showed
+    assert page.count('class="card ') == 2 and "<option value=wrong>" in page and "http" not in page.split("<body>")[1]
