@@ -241,6 +241,13 @@ def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_cli
     return per_seq.mean(), clip_frac
 
 
+def kl_k3(logp, ref_logp, mask):
+    """The k3 estimate of KL(policy || reference) per token, exp(r) - r - 1 with r = ref - logp (>= 0, unbiased),
+    averaged over each sequence's model tokens, then over sequences (as the policy loss)."""
+    r = ref_logp - logp
+    return (((r.exp() - r - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
 def score_all(trajs, judge=None, judge_mode="all", workers=16):
     """Rewards for every trajectory, judge calls in parallel; judge failures are counted, not scored."""
     def one(t):
@@ -287,10 +294,9 @@ def grpo_update(model, opt, trajs, adv, args):
                                   for b in range(len(chunk))]).to(dev)
             loss, cf = policy_loss(logp, old_lp, adv[i:i + len(chunk)].to(dev), mask, args.clip_low, args.clip_high,
                                    args.dual_clip)
-            if args.kl:   # optional (off in the paper): k3 estimator against the reference log-probs
+            if args.kl:   # optional (off in the paper): a KL penalty to the reference model
                 ref = torch.stack([torch.nn.functional.pad(t.ref_logp, (0, T - len(t.ref_logp))) for t in chunk]).to(dev)
-                kl = ((ref - logp).exp() - (ref - logp) - 1) * mask
-                loss = loss + args.kl * (kl.sum(1) / mask.sum(1).clamp(min=1)).mean()
+                loss = loss + args.kl * kl_k3(logp, ref, mask)
             (loss * len(chunk) / min(per_step, len(trajs) - s)).backward()   # sequences weigh the same in the mean
             clip.append(cf.item())
             ent.append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
@@ -405,6 +411,7 @@ def train(args):
     image_cache = tools.ImageSearchCache(args.image_search_cache) if args.image_search_cache else None
     os.makedirs(args.out, exist_ok=True)
     n_batches = min(args.steps, math.ceil(len(samples) * args.epochs / args.prompts))
+    ref = None   # the KL reference model (--kl only)
     for step in range(step, n_batches):
         t0 = time.time()
         prompts = [samples[(step * args.prompts + k) % len(samples)] for k in range(args.prompts)]
@@ -423,8 +430,7 @@ def train(args):
             trajs = [t for k, t in enumerate(trajs) if not flat[k // args.group]]
             adv = adv.view(-1, args.group)[~flat].view(-1)
         if args.kl:
-            ref = M.load_model(args.model)[0] if not hasattr(train, "ref") else train.ref
-            train.ref = ref
+            ref = ref or M.load_model(args.model)[0]   # loaded once, on the first step that needs it
             for t, lp in zip(trajs, recompute_logprobs(ref, trajs, args.micro_batch)):
                 t.ref_logp = lp
         t2 = time.time()
@@ -523,9 +529,7 @@ def parse_args(argv=None):
     if args.tiny:
         preset = dict(group=4, prompts=8, mini_batch=4, micro_batch=16, lr=2e-5, max_turn_tokens=96,
                       max_response_tokens=1024, max_turns=4, grad_ckpt=False, save_every=5, freeze_embeddings=True)
-        for k, v in preset.items():
-            if getattr(args, k) == ap.get_default(k):
-                setattr(args, k, v)
+        M.apply_preset(ap, args, argv, preset)
     M.check_args(ap, args, positive=("prompts", "mini_batch", "micro_batch", "epochs", "steps", "lr", "grad_clip",
                                      "max_turns", "max_turn_tokens", "max_response_tokens", "max_pixels",
                                      "save_every"))

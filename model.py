@@ -238,6 +238,22 @@ def token_logprobs(model, seqs, temperature=1.0, with_entropy=False, chunk=2048)
     return (logp, torch.cat([p[1] for p in parts], 1) * live) if with_entropy else logp
 
 
+def apply_preset(ap, args, argv, preset):
+    """A preset's values (--tiny) for the flags the user did not give: a flag given explicitly wins, even when its
+    value equals the default (`--tiny --lr 1e-5` trains at 1e-5)."""
+    defaults = {a.dest: a.default for a in ap._actions}
+    for a in ap._actions:   # parse again with every default hidden: what remains was given
+        a.default = argparse.SUPPRESS
+    try:
+        given = vars(ap.parse_args(argv))
+    finally:
+        for a in ap._actions:
+            a.default = defaults[a.dest]
+    for k, v in preset.items():
+        if k not in given:
+            setattr(args, k, v)
+
+
 def check_args(ap, args, positive=(), fraction=()):
     """Refuse, before anything loads, the values that would do nothing, lose data or divide by zero."""
     for name in positive:

@@ -131,16 +131,26 @@ def start(processor, sample, prompt, max_pixels=None):
 
 
 # ------------------------------------------------------------------------------------------- one forward
-def prefill(model, trajs, max_batch_tokens=16384):
+def prefill(model, trajs, max_batch_tokens=16384, share=True):
     """Prefill the tokens not yet in each trajectory's cache, several trajectories per forward; -> last logits.
 
     A row of a batch is [pad | its cache | pad | its new tokens]: caches are left-padded (stack_caches) and the new
     tokens too, so every row's last token is at the last position. The pads are masked out and stripped again
-    from the cache kept for the trajectory. Trajectories are grouped by pending length to waste little on pads."""
+    from the cache kept for the trajectory. Trajectories are grouped by pending length to waste little on pads.
+    The samples of one prompt share its prefill (share=True): one of them runs, the others take its cache, logits
+    and positions, so a GRPO group's prompt and image go through the model once, not 16 times. Taking the cache by
+    reference is safe: no one writes a trajectory's cache in place (decoding stacks copies of it)."""
     dev = next(model.parameters()).device
     pad = model.config.text_config.pad_token_id or 0
     logits = [None] * len(trajs)
-    order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].seq.ids) - trajs[i].cached)
+    leader, follows = {}, {}
+    for i, t in enumerate(trajs):
+        if share and t.cached == 0:
+            j = leader.setdefault(id(t.sample), i)
+            if j != i and trajs[j].seq.ids == t.seq.ids:
+                follows[i] = j
+    order = sorted((i for i in range(len(trajs)) if i not in follows),
+                   key=lambda i: len(trajs[i].seq.ids) - trajs[i].cached)
     while order:
         group = [order.pop(0)]
         while order and (len(group) + 1) * (len(trajs[order[0]].seq.ids) - trajs[order[0]].cached) <= max_batch_tokens:
@@ -169,6 +179,10 @@ def prefill(model, trajs, max_batch_tokens=16384):
             t.cached, t.cached_images = len(t.seq.ids), len(t.seq.pixels)
             t.next_pos = pos[:, b, -1].max().item() + 1
             logits[i] = out.logits[b, -1]
+    for i, j in follows.items():
+        t, src = trajs[i], trajs[j]
+        t.cache, t.cached, t.cached_images, t.next_pos, logits[i] = src.cache, src.cached, src.cached_images, \
+            src.next_pos, logits[j]
     return torch.stack(logits)
 
 
@@ -367,7 +381,7 @@ def timer(phase):
 DEFAULTS = dict(temperature=1.0, top_p=1.0, max_turns=9, max_turn_tokens=8192, max_response_tokens=16384,
                 max_prompt_tokens=8192, max_images=50, use_cache=True, tools_on=True, search_url=None,
                 on_infra_error="observe", sandbox_timeout=20, prompt=None, keep_images=False, max_pixels=None,
-                image_search_cache=None, sandbox_sees="original")
+                image_search_cache=None, sandbox_sees="original", share_prefill=True)
 
 
 @torch.no_grad()
@@ -377,7 +391,12 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
     cfg = dict(DEFAULTS, **overrides)
     tok = processor.tokenizer
     prompt = cfg["prompt"] or load_prompt("agent")
-    trajs = [start(processor, s, prompt, cfg["max_pixels"]) for s in samples for _ in range(n)]
+    trajs = []
+    for s in samples:   # the image is processed once a prompt; each of its n trajectories gets its own lists
+        one = start(processor, s, prompt, cfg["max_pixels"])
+        trajs += [one] + [Trajectory(s, Seq(list(one.seq.ids), list(one.seq.mm), list(one.seq.pixels),
+                                            list(one.seq.grids)), one.prompt_len, list(one.action_mask),
+                                     list(one.logprobs)) for _ in range(n - 1)]
     boxes = {}
 
     def sandbox_of(t):   # one sandbox per trajectory, started on its first code call
@@ -414,7 +433,7 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
                 if not cfg["use_cache"]:
                     t.cache, t.cached, t.cached_images = None, 0, 0
             with timer("prefill"):
-                first = prefill(model, active)
+                first = prefill(model, active, share=cfg["share_prefill"])
             with timer("decode"):
                 decode_turns(model, tok, active, first, cfg)
             jobs = {}
@@ -478,9 +497,10 @@ def bench_model(preset, device):
     return model, processor
 
 
-def bench(preset="mini", n_traj=16, turns=4, turn_tokens=48, device=None, skip_generate=False):
-    """Same scripted work three ways: our batched rollout with cross-turn caches, with re-prefill, and
-    `model.generate` one trajectory and one turn at a time (the naive way)."""
+def bench(preset="mini", n_traj=16, turns=4, turn_tokens=48, device=None, skip_generate=False, group=4):
+    """Same scripted work several ways: our batched rollout with cross-turn caches, with re-prefill, GRPO-like
+    groups (`group` samples a prompt) with the prompt prefilled once or per sample, and `model.generate` one
+    trajectory and one turn at a time (the naive way)."""
     from PIL import Image
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = bench_model(preset, device)
@@ -493,30 +513,37 @@ def bench(preset="mini", n_traj=16, turns=4, turn_tokens=48, device=None, skip_g
     samples = [Sample([Image.new("RGB", (224, 224), (i, 0, 0))], f"Question {i}?") for i in range(n_traj)]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = {}
-    modes = (("batched, cross-turn KV cache", dict(use_cache=True)), ("batched, re-prefill", dict(use_cache=False)))
-    for _, kw in modes:   # warm-up at full size: the allocator's first big blocks are not what we measure
-        rollout(model, processor, samples, script=script, **kw)
-    for name, kw in modes:
+    modes = (("batched, cross-turn KV cache", samples, 1, dict(use_cache=True)),
+             ("batched, re-prefill", samples, 1, dict(use_cache=False)),
+             (f"groups of {group}, prompt prefilled once", samples[:n_traj // group], group, dict(share_prefill=True)),
+             (f"groups of {group}, prefilled per sample", samples[:n_traj // group], group, dict(share_prefill=False)))
+    for _, batch, n, kw in modes:   # warm-up at full size: the allocator's first big blocks are not what we measure
+        rollout(model, processor, batch, n=n, script=script, **kw)
+    for name, batch, n, kw in modes:
         sync(); t0 = time.perf_counter(); PHASES.clear()
-        trajs = rollout(model, processor, samples, script=script, **kw)
+        trajs = rollout(model, processor, batch, n=n, script=script, **kw)
         sync(); dt = time.perf_counter() - t0
         gen = sum(sum(t.action_mask) for t in trajs)
-        rows[name] = (gen / dt, dt, gen)
+        rows[name] = (gen / dt, dt, PHASES["prefill"])
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in PHASES.items()))
     if not skip_generate:
         sync(); t0 = time.perf_counter()
         gen = generate_one_at_a_time(model, processor, samples, script, turns)
         sync(); dt = time.perf_counter() - t0
-        rows["model.generate, one at a time"] = (gen / dt, dt, gen)
+        rows["model.generate, one at a time"] = (gen / dt, dt, float("nan"))
     base = rows.get("model.generate, one at a time", rows["batched, re-prefill"])[0]
     print(f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {n_traj} trajectories x "
           f"{turns} turns, {device}")
-    print(f"{'way':34s} {'gen tok/s':>10s} {'seconds':>8s} {'vs naive':>9s}")
-    for name, (tps, dt, gen) in rows.items():
-        print(f"{name:34s} {tps:10.1f} {dt:8.2f} {tps / base:8.1f}x")
+    print(f"{'way':40s} {'gen tok/s':>10s} {'seconds':>8s} {'prefill s':>10s} {'vs naive':>9s}")
+    for name, (tps, dt, pre) in rows.items():
+        print(f"{name:40s} {tps:10.1f} {dt:8.2f} {pre:10.2f} {tps / base:8.1f}x")
+    shared, separate = rows[f"groups of {group}, prompt prefilled once"], rows[f"groups of {group}, prefilled per sample"]
     print(json.dumps({"preset": preset, "device": device, "trajectories": n_traj,
-                      **{k.split(",")[0 if "generate" in k else 1].strip().replace(" ", "_") + "_tok_s": round(v[0], 1)
-                         for k, v in rows.items()}}))
+                      "cache_tok_s": round(rows["batched, cross-turn KV cache"][0], 1),
+                      "re_prefill_tok_s": round(rows["batched, re-prefill"][0], 1),
+                      "group_prefill_speedup": round(separate[2] / max(shared[2], 1e-9), 2),
+                      **({"generate_tok_s": round(rows["model.generate, one at a time"][0], 1)}
+                         if not skip_generate else {})}))
 
 
 def generate_one_at_a_time(model, processor, samples, script, turns):

@@ -308,9 +308,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.tiny:
         preset = dict(lr=1e-3, epochs=3, grad_accum=2, grad_ckpt=False, save_every=50, freeze_embeddings=True)
-        for k, v in preset.items():
-            if getattr(args, k) == ap.get_default(k):
-                setattr(args, k, v)
+        M.apply_preset(ap, args, argv, preset)
     M.check_args(ap, args, positive=("epochs", "lr", "grad_accum", "grad_clip", "cutoff", "max_pixels", "steps",
                                      "save_every"), fraction=("warmup",))
     return args

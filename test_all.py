@@ -1402,3 +1402,63 @@ def test_report_shows_every_turn_in_order_with_images_and_escapes_the_model(tiny
     assert [card.index(word) for word in order] == sorted(card.index(word) for word in order)
     assert card.count("<img src=\"data:image/png;base64,") == 2          # the input image and the crop it showed
     assert page.count('class="card ') == 2 and "<option value=wrong>" in page and "http" not in page.split("<body>")[1]
+
+
+# ================================================================================================ rollout at scale
+def test_a_groups_prompt_is_prefilled_once_and_sharing_changes_nothing(tiny):
+    model, processor, _ = tiny
+    seen = {"vision_patches": 0, "prefill_tokens": 0}
+
+    def vision(module, args, kwargs):
+        seen["vision_patches"] += (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+    def decoder(module, args, kwargs):
+        shape = kwargs["inputs_embeds"].shape
+        if shape[1] > 1:   # a prefill (decoding steps feed one token a row)
+            seen["prefill_tokens"] += shape[0] * shape[1]
+    hooks = [model.model.visual.register_forward_pre_hook(vision, with_kwargs=True),
+             model.model.language_model.register_forward_pre_hook(decoder, with_kwargs=True)]
+    runs = {}
+    try:
+        for share in (True, False):
+            seen.update(vision_patches=0, prefill_tokens=0)
+            torch.manual_seed(0)
+            trajs = R.rollout(model, processor, [sample()], n=4, max_turn_tokens=12, max_turns=1, share_prefill=share)
+            runs[share] = (dict(seen), trajs)
+    finally:
+        for h in hooks:
+            h.remove()
+    (shared, a), (separate, b) = runs[True], runs[False]
+    patches = sum(p.shape[0] for p in a[0].seq.pixels)
+    assert shared == {"vision_patches": patches, "prefill_tokens": a[0].prompt_len}      # once for the group
+    assert separate == {"vision_patches": 4 * patches, "prefill_tokens": 4 * a[0].prompt_len}
+    for x, y in zip(a, b):   # the same seed gives the same trajectories either way
+        assert x.seq.ids == y.seq.ids and max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-5
+    assert len({tuple(t.seq.ids) for t in a}) > 1   # and the samples still differ from one another
+
+
+# ================================================================================================ no surprises
+def test_a_flag_given_explicitly_beats_the_tiny_preset():
+    assert S.parse_args(["--tiny"]).lr == 1e-3 and S.parse_args(["--tiny", "--lr", "1e-5"]).lr == 1e-5
+    assert G.parse_args(["--tiny"]).group == 4 and G.parse_args(["--tiny", "--group", "16"]).group == 16
+    assert G.parse_args(["--tiny", "--no-freeze-embeddings"]).freeze_embeddings is False
+
+
+def test_kl_penalty_is_the_k3_estimate_by_hand():
+    logp = torch.tensor([[-1.0, -2.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    r = torch.tensor([-0.5, 1.0])   # ref - logp on the two model tokens
+    assert G.kl_k3(logp, ref, mask).item() == pytest.approx(((r.exp() - r - 1).sum() / 2).item())
+    assert G.kl_k3(logp, logp, mask).item() == 0.0
+
+
+def test_drop_flat_groups_with_every_group_flat_runs_a_step(tiny, tmp_path):
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "r.png")
+    rows = [dict(images=["r.png"], question=f"Colour {i}?", answer="purple", data_source="perception") for i in range(2)]
+    (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    G.train(G.parse_args(["--tiny", "--model", tiny[2], "--data", str(tmp_path / "rl.jsonl"), "--out",
+                          str(tmp_path / "run"), "--group", "2", "--prompts", "2", "--steps", "1", "--drop-flat-groups",
+                          "--max-turns", "1", "--max-turn-tokens", "4"]))
+    [line] = open(tmp_path / "run" / "metrics.jsonl").readlines()
+    assert json.loads(line)["step"] == 1 and json.loads(line)["reward"] == 0.0   # every group flat: no update, no crash
