@@ -1,7 +1,7 @@
 """eval.py -- benchmarks through the same agent loop as RL, run greedily, scored as the paper scored them.
 
   python eval.py --bench RealX --model PATH_OR_HUB_NAME                     # RealX-Bench (public 194), the headline
-  python eval.py --bench all --model PATH_OR_HUB_NAME                       # the paper's 22, one table beside its numbers
+  python eval.py --bench all --model PATH_OR_HUB_NAME                       # the paper's 22 beside its numbers
   python eval.py --bench MathVision_testmini --limit 20                     # a subset shipped in data/, offline
   python eval.py --bench toy --model runs/mini/grpo/checkpoint --data data/world/heldout.jsonl   # the miniature
   python eval.py --bench RealX --no-tools ...                               # the base-model-without-tools column
@@ -469,7 +469,8 @@ def protocol(args, bench, data, cfg):
     settings = {k: v for k, v in cfg.items() if k != "prompt"}
     return dict(bench=bench, data=os.path.abspath(data), model=args.model, commit=commit,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"), judge=args.judge_url and args.judge_model,
-                prompt=dict(name=prompt_of(args, bench, data), system=cfg["prompt"].system, user=cfg["prompt"].user),
+                prompt=dict(name=prompt_of(args, bench, data), system=cfg["prompt"].system,
+                            user=cfg["prompt"].user),
                 rollout=settings, scorer=BENCHES[bench].scorer, rules="option letter / text, numbers within "
                 "tolerance, normalised text over the aliases (grpo.rule_score); then the judge on what they reject")
 

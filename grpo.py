@@ -295,7 +295,8 @@ def grpo_update(model, opt, trajs, adv, args):
             loss, cf = policy_loss(logp, old_lp, adv[i:i + len(chunk)].to(dev), mask, args.clip_low, args.clip_high,
                                    args.dual_clip)
             if args.kl:   # optional (off in the paper): a KL penalty to the reference model
-                ref = torch.stack([torch.nn.functional.pad(t.ref_logp, (0, T - len(t.ref_logp))) for t in chunk]).to(dev)
+                ref = torch.stack([torch.nn.functional.pad(t.ref_logp, (0, T - len(t.ref_logp)))
+                                   for t in chunk]).to(dev)
                 loss = loss + args.kl * kl_k3(logp, ref, mask)
             (loss * len(chunk) / min(per_step, len(trajs) - s)).backward()   # sequences weigh the same in the mean
             clip.append(cf.item())
@@ -400,7 +401,7 @@ def train(args):
     ckpt = M.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
     model, processor = M.load_model(ckpt or args.model)
     if args.grad_ckpt:
-        M.set_gradient_checkpointing(model, True)
+        M.set_gradient_checkpointing(model)
     if args.freeze_embeddings:   # tied: the output projection too (why: sft.py's docstring)
         model.get_input_embeddings().weight.requires_grad_(False)
     random.Random(args.seed).shuffle(samples)   # a batch mixes sources, the same order on a resume
@@ -455,7 +456,7 @@ def bench(preset, lengths, micro, device=None):
     from PIL import Image
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = R.bench_model(preset, device)
-    M.set_gradient_checkpointing(model, True)
+    M.set_gradient_checkpointing(model)
     model.train()
     opt = M.AdamW(model.parameters(), lr=1e-6)
     args = parse_args(["--mini-batch", "1", "--group", str(2 * micro), "--micro-batch", str(micro)])

@@ -113,7 +113,8 @@ def prepare_image(img, min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS):
     hb, wb = max(FACTOR, round(h / FACTOR) * FACTOR), max(FACTOR, round(w / FACTOR) * FACTOR)
     if hb * wb > max_pixels:
         beta = math.sqrt(h * w / max_pixels)
-        hb, wb = max(FACTOR, math.floor(h / beta / FACTOR) * FACTOR), max(FACTOR, math.floor(w / beta / FACTOR) * FACTOR)
+        hb = max(FACTOR, math.floor(h / beta / FACTOR) * FACTOR)
+        wb = max(FACTOR, math.floor(w / beta / FACTOR) * FACTOR)
     elif hb * wb < min_pixels:
         beta = math.sqrt(min_pixels / (h * w))
         hb, wb = math.ceil(h * beta / FACTOR) * FACTOR, math.ceil(w * beta / FACTOR) * FACTOR
@@ -274,13 +275,10 @@ def finite_step(opt, params, grad_clip):
     return gnorm, math.isfinite(gnorm)
 
 
-def set_gradient_checkpointing(model, on=True):
+def set_gradient_checkpointing(model):
     """Trade compute for memory in training forwards (the 7B needs it at 16k-token trajectories)."""
-    if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    else:
-        model.gradient_checkpointing_disable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 class AdamW(torch.optim.Optimizer):
@@ -355,7 +353,8 @@ def load_model(name_or_path=DEFAULT_MODEL, device=None, dtype=None):
                  "or a folder written by save_pretrained / `python model.py --tiny DIR`)")
     try:
         processor = Processor.from_pretrained(name_or_path)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype,
+                                                                   attn_implementation="sdpa")
     except OSError as e:
         where = os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
         sys.exit(f"error: cannot load model '{where}' ({str(e).splitlines()[0][:160]}). Download it on a machine "
@@ -542,7 +541,8 @@ def build_tiny(path, preset="test", seed=0, corpus=None, words=(), tokenizer=Non
     half = head_dim // 2   # mrope_section must sum to head_dim / 2
     section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=max(len(tokenizer), vocab_rows or 0), hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+        text_config=dict(vocab_size=max(len(tokenizer), vocab_rows or 0), hidden_size=p["hidden"],
+                         num_hidden_layers=p["layers"],
                          num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
                          intermediate_size=p["inter"], max_position_embeddings=32768, tie_word_embeddings=True,
                          rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section),

@@ -271,7 +271,7 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
     logits = first_logits
     while rows:
         forced = [trajs[i].forced.pop(0) if trajs[i].forced else -1 for i in rows]   # scripted policies
-        token, logp = sample_token(logits, cfg["temperature"], cfg["top_p"], banned,
+        token, logp = sample_token(logits, cfg.temperature, cfg.top_p, banned,
                                    torch.tensor(forced, device=dev) if max(forced) >= 0 else None)
         token, logp = token.tolist(), logp.tolist()      # the one host sync per step
         keep = []
@@ -280,9 +280,9 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
             t.seq.ids.append(token[r]); t.seq.mm.append(0)
             t.action_mask.append(1); t.logprobs.append(logp[r]); t.turn_ids.append(token[r])
             stop = token[r] in closes and any(s in tok.decode(t.turn_ids[-STOP_WINDOW:]) for s in STOP_STRINGS)
-            over = len(t.seq.ids) - t.prompt_len >= cfg["max_response_tokens"]
+            over = len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens
             if token[r] == eos or stop or over or \
-                    len(t.turn_ids) >= cfg["max_turn_tokens"]:
+                    len(t.turn_ids) >= cfg.max_turn_tokens:
                 # this row's cache, padding stripped (its last sampled token is not in it yet: pending)
                 t.cache = [(l.keys[r:r + 1, :, -t.cached:], l.values[r:r + 1, :, -t.cached:]) for l in cache.layers]
             else:
@@ -307,20 +307,20 @@ def decode_turns(model, tok, trajs, first_logits, cfg):
 def run_tool(traj, action, sandbox, cfg):
     """-> (observation text, images). Tool errors are observations; backend failures are counted too."""
     traj.calls[action.kind] += 1
-    if not cfg["tools_on"]:   # a no-tools run: the call is refused, and the model may still answer
+    if not cfg.tools_on:   # a no-tools run: the call is refused, and the model may still answer
         return TOOLS_OFF, []
     try:
         if action.kind == "code":
             result = sandbox().run(action.arg)
             return tools.format_code_result(result), result["images"]
         if action.kind == "search":
-            return tools.text_search(action.arg, url=cfg["search_url"])
+            return tools.text_search(action.arg, url=cfg.search_url)
         if action.kind == "image_search":
-            if cfg["image_search_cache"]:   # the released cache, keyed by the sample (the original's way)
-                return cfg["image_search_cache"](traj.sample.id)
+            if cfg.image_search_cache:   # the released cache, keyed by the sample (the original's way)
+                return cfg.image_search_cache(traj.sample.id)
             if not traj.sample.images:
                 return "Error: there is no image to search with.", []
-            return tools.image_search(traj.sample.images[0], url=cfg["search_url"])
+            return tools.image_search(traj.sample.images[0], url=cfg.search_url)
         return action.arg, []                        # a malformed call: the "Error: ..." text itself
     except Exception as e:   # SandboxError, SearchError, or a backend's reply nobody foresaw: one trajectory's
         traj.infra_errors += 1   # problem, counted and never scored, not the run's
@@ -329,18 +329,18 @@ def run_tool(traj, action, sandbox, cfg):
 
 def append_observation(processor, traj, text, images, cfg):
     """Add the observation tokens, or end the episode if they would overflow a budget (never end on them)."""
-    room = max(cfg["max_images"] - len(traj.seq.pixels) + len(traj.sample.images), 0)
+    room = max(cfg.max_images - len(traj.seq.pixels) + len(traj.sample.images), 0)
     if len(images) > room:   # keep the first `room` images and their slots
         kept = text.split(tools.IMAGE_SLOT)
         text = tools.IMAGE_SLOT.join(kept[:room + 1]) + "".join(kept[room + 1:])
-        text += f"\n[some images were dropped: at most {cfg['max_images']} per trajectory]"
+        text += f"\n[some images were dropped: at most {cfg.max_images} per trajectory]"
         images = images[:room]
-    obs = observation_tokens(processor, text, images, cfg["max_pixels"])
-    if len(traj.seq.ids) + len(obs.ids) - traj.prompt_len > cfg["max_response_tokens"]:
+    obs = observation_tokens(processor, text, images, cfg.max_pixels)
+    if len(traj.seq.ids) + len(obs.ids) - traj.prompt_len > cfg.max_response_tokens:
         traj.finish = "budget"
         return
     traj.seq.extend(obs)
-    if cfg["keep_images"]:   # eval writes them out; RL does not keep them (memory)
+    if cfg.keep_images:   # eval writes them out; RL does not keep them (memory)
         traj.obs_images += images
     traj.action_mask += [0] * len(obs.ids)
     traj.logprobs += [0.0] * len(obs.ids)
@@ -378,22 +378,39 @@ def timer(phase):
     PHASES[phase] += time.perf_counter() - t0
 
 
-DEFAULTS = dict(temperature=1.0, top_p=1.0, max_turns=9, max_turn_tokens=8192, max_response_tokens=16384,
-                max_prompt_tokens=8192, max_images=50, use_cache=True, tools_on=True, search_url=None,
-                on_infra_error="observe", sandbox_timeout=20, prompt=None, keep_images=False, max_pixels=None,
-                image_search_cache=None, sandbox_sees="original", share_prefill=True)
+@dataclass
+class Settings:
+    """How a rollout runs. The defaults are the paper's RL limits; a misspelled setting is a TypeError, not ignored."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_turns: int = 9                  # model turns per trajectory
+    max_turn_tokens: int = 8192         # new tokens per model turn
+    max_response_tokens: int = 16384    # everything after the prompt, observations included
+    max_prompt_tokens: int = 8192
+    max_images: int = 50                # per trajectory, inputs included
+    max_pixels: int = None              # image pixel cap (None: model.RL_MAX_PIXELS)
+    prompt: Prompt = None               # None: the original's agent prompt set
+    tools_on: bool = True               # False: every tool call is refused (eval --no-tools)
+    search_url: str = None              # None: $DEEPEYES_SEARCH_URL or the local server
+    image_search_cache: object = None   # a tools.ImageSearchCache: image search answers from it, as the original
+    sandbox_timeout: int = 20           # seconds per code call
+    sandbox_sees: str = "original"      # image_i: "original" (RL) or "model" (eval: the resized image the model sees)
+    on_infra_error: str = "observe"     # "observe": an error observation, the episode goes on; "end": it ends
+    keep_images: bool = False           # keep tool-output images on the trajectory (eval writes them out)
+    use_cache: bool = True              # keep each trajectory's KV cache across turns (False: re-prefill)
+    share_prefill: bool = True          # prefill a group's prompt once
 
 
 @torch.no_grad()
 def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrides):
     """Run n trajectories per sample to the end. `script(traj, turn) -> text or ids` forces a scripted policy;
     `on_done(traj)` is called the moment a trajectory ends (eval writes it out then)."""
-    cfg = dict(DEFAULTS, **overrides)
+    cfg = Settings(**overrides)
     tok = processor.tokenizer
-    prompt = cfg["prompt"] or load_prompt("agent")
+    prompt = cfg.prompt or load_prompt("agent")
     trajs = []
     for s in samples:   # the image is processed once a prompt; each of its n trajectories gets its own lists
-        one = start(processor, s, prompt, cfg["max_pixels"])
+        one = start(processor, s, prompt, cfg.max_pixels)
         trajs += [one] + [Trajectory(s, Seq(list(one.seq.ids), list(one.seq.mm), list(one.seq.pixels),
                                             list(one.seq.grids)), one.prompt_len, list(one.action_mask),
                                      list(one.logprobs)) for _ in range(n - 1)]
@@ -402,13 +419,13 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
     def sandbox_of(t):   # one sandbox per trajectory, started on its first code call
         if id(t) not in boxes:
             images = t.sample.images
-            if cfg["sandbox_sees"] == "model":   # eval, as the original: image_i is the resized image the model sees
-                images = [prepare_image(im, max_pixels=cfg["max_pixels"] or RL_MAX_PIXELS) for im in images]
-            boxes[id(t)] = tools.Sandbox(images, timeout=cfg["sandbox_timeout"])
+            if cfg.sandbox_sees == "model":   # eval, as the original: image_i is the resized image the model sees
+                images = [prepare_image(im, max_pixels=cfg.max_pixels or RL_MAX_PIXELS) for im in images]
+            boxes[id(t)] = tools.Sandbox(images, timeout=cfg.sandbox_timeout)
         return boxes[id(t)]
 
     for t in trajs:
-        if t.prompt_len > cfg["max_prompt_tokens"]:
+        if t.prompt_len > cfg.max_prompt_tokens:
             t.finish = "prompt_too_long"
     ended = set()
 
@@ -430,10 +447,10 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
                 if script is not None:   # a scripted turn: text, or token ids (to force a particular split)
                     turn = script(t, t.turns)
                     t.forced = list(turn) if isinstance(turn, list) else tok.encode(turn, add_special_tokens=False)
-                if not cfg["use_cache"]:
+                if not cfg.use_cache:
                     t.cache, t.cached, t.cached_images = None, 0, 0
             with timer("prefill"):
-                first = prefill(model, active, share=cfg["share_prefill"])
+                first = prefill(model, active, share=cfg.share_prefill)
             with timer("decode"):
                 decode_turns(model, tok, active, first, cfg)
             jobs = {}
@@ -441,13 +458,13 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
                 t.turns += 1
                 text = tok.decode(t.turn_ids)
                 action = tools.parse_action(text)
-                if len(t.turn_ids) >= cfg["max_turn_tokens"] and action.kind != "answer":
+                if len(t.turn_ids) >= cfg.max_turn_tokens and action.kind != "answer":
                     t.finish = "turn_tokens"
-                elif len(t.seq.ids) - t.prompt_len >= cfg["max_response_tokens"]:
+                elif len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens:
                     t.finish = "budget"
                 elif action.kind in ("answer", "none"):
                     t.finish = "answer" if action.kind == "answer" else "no_action"
-                elif t.turns >= cfg["max_turns"]:
+                elif t.turns >= cfg.max_turns:
                     t.finish = "max_turns"
                 else:
                     jobs[id(t)] = pool.submit(run_tool, t, action, lambda t=t: sandbox_of(t), cfg)
@@ -456,7 +473,7 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
                     continue
                 with timer("tools"):
                     text, images = jobs[id(t)].result()
-                if t.infra_errors and cfg["on_infra_error"] == "end":
+                if t.infra_errors and cfg.on_infra_error == "end":
                     t.finish = "infra_error"
                 else:
                     append_observation(processor, t, text, images, cfg)
@@ -472,7 +489,8 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
 SEVEN_B = dict(text_config=dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                                 num_key_value_heads=4, intermediate_size=18944, max_position_embeddings=128000,
                                 rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
-               vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+               vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                  out_hidden_size=3584,
                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                                   fullatt_block_indexes=[7, 15, 23, 31]))
 
@@ -537,7 +555,8 @@ def bench(preset="mini", n_traj=16, turns=4, turn_tokens=48, device=None, skip_g
     print(f"{'way':40s} {'gen tok/s':>10s} {'seconds':>8s} {'prefill s':>10s} {'vs naive':>9s}")
     for name, (tps, dt, pre) in rows.items():
         print(f"{name:40s} {tps:10.1f} {dt:8.2f} {pre:10.2f} {tps / base:8.1f}x")
-    shared, separate = rows[f"groups of {group}, prompt prefilled once"], rows[f"groups of {group}, prefilled per sample"]
+    shared = rows[f"groups of {group}, prompt prefilled once"]
+    separate = rows[f"groups of {group}, prefilled per sample"]
     print(json.dumps({"preset": preset, "device": device, "trajectories": n_traj,
                       "cache_tok_s": round(rows["batched, cross-turn KV cache"][0], 1),
                       "re_prefill_tok_s": round(rows["batched, re-prefill"][0], 1),
@@ -554,7 +573,8 @@ def generate_one_at_a_time(model, processor, samples, script, turns):
         with tools.Sandbox(s.images) as box:
             for i in range(turns):
                 ids = processor.tokenizer.encode(script(t, i), add_special_tokens=False)
-                batch = dict(input_ids=torch.tensor([t.seq.ids]), attention_mask=torch.ones(1, len(t.seq.ids), dtype=torch.long),
+                batch = dict(input_ids=torch.tensor([t.seq.ids]),
+                             attention_mask=torch.ones(1, len(t.seq.ids), dtype=torch.long),
                              mm_token_type_ids=torch.tensor([t.seq.mm]), pixel_values=torch.cat(t.seq.pixels),
                              image_grid_thw=torch.tensor(t.seq.grids))
                 dev = next(model.parameters()).device

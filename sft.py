@@ -1,7 +1,8 @@
 """sft.py -- the cold start: supervised fine-tuning on clean tool-use trajectories, loss only on the model's turns.
 
-RL straight from the base model did not give stable tool use (the paper's cold-start section), so the agent first imitates
-trajectories written by a strong model: it learns the protocol here, and GRPO later learns when to use which tool.
+RL straight from the base model did not give stable tool use (the paper's cold-start section), so the agent first
+imitates trajectories written by a strong model: it learns the protocol here, and GRPO later learns when to use
+which tool.
 
 Data (JSONL, one trajectory per line; images by path relative to the file, one "<image>" per image, in order):
   {"images": ["img/1.png", ...],
@@ -10,10 +11,11 @@ Data (JSONL, one trajectory per line; images by path relative to the file, one "
                 {"role": "user", "content": "Code execution result: ..."},        <- a tool output (data/PROTOCOL.md)
                 {"role": "assistant", "content": "<think>...</think><answer>...</answer>"}]}
 
-The tokens are exactly the ones the rollout produces for the same conversation (test_all.py checks it): a tool
-output is encoded as the rollout's observation, pre-filled `<think>` included. Labels are the rollout's action
-mask plus the `<|im_end|>` that closes each tool turn (the original trains on it; in a rollout the observation writes it,
-because generation stops at `</code>`).
+The tokens are exactly the ones the rollout produces for the same conversation, segment by segment (test_all.py
+checks it on the tiny and the real Qwen vocabulary): a tool output is encoded as the rollout's observation,
+pre-filled `<think>` included. Labels are the rollout's action
+mask plus the `<|im_end|>` that closes each tool turn (the original trains on it; in a rollout the observation writes
+it, because generation stops at `</code>`).
 
 Deliberate choices:
 - Loss = sum of token losses / label tokens of the whole accumulation window (not a mean of per-sample means:
@@ -209,7 +211,7 @@ def train(args):
     if args.freeze_embeddings:   # tied: the output projection too
         model.get_input_embeddings().weight.requires_grad_(False)
     if args.grad_ckpt:
-        M.set_gradient_checkpointing(model, True)
+        M.set_gradient_checkpointing(model)
     positions = order(len(data), args.epochs, args.seed)
     total = math.ceil(len(positions) / args.grad_accum)   # the schedule's length; --steps may stop earlier
     stop = min(args.steps, total)
@@ -258,7 +260,7 @@ def bench(preset, lengths, device=None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = R.bench_model(preset, device)
     freeze_vision(model)
-    M.set_gradient_checkpointing(model, True)
+    M.set_gradient_checkpointing(model)
     model.train()
     opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     sched = cosine_with_warmup(opt, 100, 10)

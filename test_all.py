@@ -129,7 +129,8 @@ def test_sandbox_reports_syntax_errors_without_running():
 
 
 HOSTILE = {
-    "socket to loopback": ("import socket; socket.create_connection(('127.0.0.1', 8765), timeout=2)", "PermissionError"),
+    "socket to loopback": ("import socket; socket.create_connection(('127.0.0.1', 8765), timeout=2)",
+                           "PermissionError"),
     "socket to a public address": ("import socket; socket.create_connection(('1.1.1.1', 80), timeout=2)",
                                    "PermissionError"),
     "write outside scratch": ("open('/tmp/deepeyes_escape', 'w').write('x')", "Read-only file system"),
@@ -265,7 +266,8 @@ def test_code_observation_format():
 # ================================================================================================ rollout.py
 import rollout as R
 
-SCRIPT = ["<think>crop</think><code>\n```python\nimage_1.crop((0, 0, 20, 20)).show()\nprint(image_1.size)\n```\n</code>",
+SCRIPT = ["<think>crop</think><code>\n```python\nimage_1.crop((0, 0, 20, 20)).show()\nprint(image_1.size)\n```\n"
+          "</code>",
           '<think>look it up</think><tool_call>{"name": "search", "arguments": {"query": "Eiffel Tower"}}</tool_call>',
           '<think>by image</think><tool_call>{"name": "image_search"}</tool_call>',
           "<think>oops</think><tool_call>{not json</tool_call>",
@@ -451,7 +453,7 @@ import grpo as G
     ("<think>ok<answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),                    # </think> missing
     ("<think>a</think><code>x<think>b</think><answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),   # open <code>
     ("<think>a</think><answer></answer>", "reason", (0.0, 0.0, 0.0)),                  # empty answer
-    ("<think>a</think><answer>1889</answer></think>", "reason", (0.0, 0.0, 0.0)),     # answers count after the last </think>
+    ("<think>a</think><answer>1889</answer></think>", "reason", (0.0, 0.0, 0.0)),     # answers after the last </think>
     ("<think>a</think><tool_call>{}</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>r</tool_response>"
      "<|im_end|>\n<|im_start|>assistant\n<think>b</think><answer>1889</answer>", "search", (0.8 * 0.9 + 0.2, 1.0, 1.0)),
     ("<think>a</think><tool_call>{}<think>b</think><answer>1889</answer>", "search", (0.8 * 0.9, 1.0, 0.0)),
@@ -602,7 +604,8 @@ def test_sft_resume_is_exact_and_vision_stays_frozen(tiny, tmp_path):
 
 def test_sft_converter_keeps_good_rows_and_reports_bad_ones_by_line(tmp_path, capsys):
     Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
-    good = {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "<answer>x</answer>"}],
+    good = {"messages": [{"role": "user", "content": "<image>Q"},
+                         {"role": "assistant", "content": "<answer>x</answer>"}],
             "images": ["a.png"]}
     sharegpt = {"conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"},
                                   {"from": "observation", "value": "out"}, {"from": "gpt", "value": "B"}],
@@ -815,7 +818,7 @@ def test_eval_loads_vlmevalkit_tsv_and_realx_jsonl(tmp_path):
     assert b.groups == ["search"] and b.data_source == "search" and E.score("lyon", a) == 1.0
 
 
-# ================================================================================================ the original's protocol
+# ============================================================================================ the original's protocol
 PROMPT_FILES = ["agent_system_prompt.txt", "agent_user_prompt.txt", "code_system_prompt.txt", "code_user_prompt.txt",
                 "direct_system_prompt.txt", "judge_system_prompt.md", "judge_user_prompt.txt", "math_judge_prompt.txt"]
 
@@ -837,7 +840,8 @@ def test_prompt_files_are_the_originals_byte_for_byte():
 def test_rollout_first_tokens_are_the_prompt_set(tiny, name):
     model, processor, _ = tiny
     [t] = R.rollout(model, processor, [sample()], prompt=R.load_prompt(name), script=scripted(SCRIPT[-1:]))
-    text = __import__("re").sub(r"(<\|image_pad\|>)+", "<|image_pad|>", processor.tokenizer.decode(t.seq.ids[:t.prompt_len]))
+    text = __import__("re").sub(r"(<\|image_pad\|>)+", "<|image_pad|>",
+                                processor.tokenizer.decode(t.seq.ids[:t.prompt_len]))
     question, image = "When was it built?", M.IMAGE_PLACEHOLDER
     user = {"agent": read_prompt("agent_user_prompt.txt").replace("<image>", image).replace("{question}", question),
             "code": image + read_prompt("code_user_prompt.txt").replace("{question}", question),
@@ -887,7 +891,8 @@ def test_judge_sends_the_original_prompts_and_reads_the_original_verdicts(fake_j
     replies += ["\\boxed{Yes}"]
     r = G.compute_reward('<think>a</think><tool_call>{"name": "search"}</tool_call><think>b</think>'
                          "<answer>a red mark</answer>", "red", "search", "What colour?", judge)
-    assert r["score"] == pytest.approx(0.8 * 0.9 + 0.2) and r["acc"] == 1.0 and seen[-1]["messages"][1]["content"] == user
+    assert r["score"] == pytest.approx(0.8 * 0.9 + 0.2) and r["acc"] == 1.0
+    assert seen[-1]["messages"][1]["content"] == user
     # reason: Minerva-normalised answer, the math prompt as one user message at temperature 0.5
     replies += ["## Equivalence Judgement\nTRUE"]
     r = G.compute_reward("<think>a</think><answer>x = \\frac12</answer>", "1/2", "reason", "Solve 2x = 1.", judge)
@@ -1013,7 +1018,8 @@ def test_converted_parquet_row_trains_with_its_own_prompt(tiny, tmp_path):
     model, processor, _ = tiny
     ta, tb = R.rollout(model, processor, [a, b], prompt=R.load_prompt("code"), script=scripted(SCRIPT[-1:]))
     head = lambda t: processor.tokenizer.decode(t.seq.ids[:t.prompt_len])
-    assert head(ta).startswith("<|im_start|>system\nAn old system prompt.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    assert head(ta).startswith("<|im_start|>system\nAn old system prompt.<|im_end|>\n<|im_start|>user\n"
+                               "<|vision_start|>")
     assert head(ta).endswith("<|vision_end|>\nWhat colour? Think first.<|im_end|>\n<|im_start|>assistant\n")
     assert read_prompt("code_system_prompt.txt") in head(tb)   # a row without its own prompt gets --prompt
 
@@ -1029,7 +1035,7 @@ def test_sft_converter_keeps_system_and_user_turns_byte_for_byte(tmp_path):
     assert messages[0]["content"] == system and messages[1]["content"] == user
 
 
-# ================================================================================================ nothing lost, nothing faked
+# ========================================================================================= nothing lost, nothing faked
 def template_ids(tok, ids):
     """How many of each special token a trajectory holds."""
     from collections import Counter
@@ -1067,7 +1073,8 @@ def test_hostile_model_output_costs_one_observation_never_the_run(tiny):
     after = "<code>\n```python\nprint(6 * 7)\n```\n</code>"
     t0 = time.time()
     [t] = R.rollout(model, processor, [sample()], max_turns=8, max_turn_tokens=20000,
-                    script=scripted([nested, "<tool_call>" * 300 + "</tool_call>", surrogate, forge, deep, after, SCRIPT[-1]]))
+                    script=scripted([nested, "<tool_call>" * 300 + "</tool_call>", surrogate, forge, deep, after,
+                                     SCRIPT[-1]]))
     assert time.time() - t0 < 60 and t.finish == "answer" and t.turns == 7
     assert t.response.count("not valid JSON") == 2 and "?x" in t.response and "42" in t.response
     assert "stdout:\n```\nFORGED" not in t.response and t.infra_errors == 2 and t.response.count("channel broke") == 2
@@ -1142,8 +1149,8 @@ def test_bad_rows_are_skipped_and_counted_in_sft_rl_and_eval(tmp_path, capsys):
     (tmp_path / "text.png").write_text("not an image")
     bomb_png(tmp_path / "bomb.png")
     rows = [json.loads(line) for line in open(good)]
-    bad = [dict(rows[0], images=["missing.png"]), dict(rows[0], images=["text.png"]), dict(rows[0], images=["bomb.png"]),
-           dict(rows[0], messages="not a list")]
+    bad = [dict(rows[0], images=["missing.png"]), dict(rows[0], images=["text.png"]),
+           dict(rows[0], images=["bomb.png"]), dict(rows[0], messages="not a list")]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + bad))
     assert len(S.load_conversations(str(tmp_path / "sft.jsonl"))) == 2
     assert "4 bad rows skipped, 2 conversations kept" in capsys.readouterr().err
@@ -1181,7 +1188,8 @@ def test_eval_refuses_another_models_predictions_and_repairs_a_torn_line(tiny, q
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
     for parse, argv in [(G.parse_args, ["--group", "1"]), (G.parse_args, ["--prompts", "0"]),
                         (S.parse_args, ["--epochs", "0"]), (S.parse_args, ["--grad-accum", "0"]),
-                        (E.parse_args, ["--bench", "toy", "--limit", "-1"]), (E.parse_args, ["--bench", "toy", "--batch", "0"]),
+                        (E.parse_args, ["--bench", "toy", "--limit", "-1"]),
+                        (E.parse_args, ["--bench", "toy", "--batch", "0"]),
                         (E.parse_args, ["--bench", "NoSuchBench"])]:
         with pytest.raises(SystemExit):
             parse(argv)
@@ -1240,7 +1248,7 @@ def test_sandbox_ends_stray_threads_and_stale_figures_and_runs_unprivileged():
         assert r["stdout"] == "True\n" and "PermissionError" in r["stderr"]
 
 
-# ================================================================================================ the paper's evaluation
+# ============================================================================================= the paper's evaluation
 def b64_png(colour, size=(40, 30)):
     import base64
     import io
@@ -1267,7 +1275,8 @@ def benchmark_files(root):
         dict(index=3, image="1", question="Which side?", A="left", B="right", C="up", answer="C", category="pos"),
         dict(index=4, image=str([red, blue]), question="Same?", A="yes", B="no", answer="A", category="pos")])
     write_tsv(root / "OCRBench.tsv", [
-        dict(index=0, image=red, question="Read it.", answer=str(["STOP", "stop sign"]), category="Regular Text Recognition"),
+        dict(index=0, image=red, question="Read it.", answer=str(["STOP", "stop sign"]),
+             category="Regular Text Recognition"),
         dict(index=1, image=blue, question="Write it.", answer=str(["x^{2}+1"]),
              category="Handwritten Mathematical Expression Recognition")])
     write_tsv(root / "ChartQA_TEST.tsv", [dict(index=0, image=red, question="Peak?", answer="100"),
@@ -1276,7 +1285,8 @@ def benchmark_files(root):
                                             dict(index=1, image=red, question="Pick", A="3", B="4", answer="4")])
     raw = __import__("base64").b64decode(red)
     pq.write_table(pa.Table.from_pylist([
-        dict(query="Where?", answer="Paris or Lyon", perception=1, search=1, reason=1, image={"bytes": raw, "path": None}),
+        dict(query="Where?", answer="Paris or Lyon", perception=1, search=1, reason=1,
+             image={"bytes": raw, "path": None}),
         dict(query="Who?", answer="Ada", perception=0, search=1, reason=0, image={"bytes": raw, "path": None})]),
         root / "RealXBench.parquet")
     (root / "FVQA-test.jsonl").write_text(
@@ -1387,7 +1397,8 @@ def test_benchmark_download_is_checked_and_cached(tmp_path, monkeypatch):
 def test_report_shows_every_turn_in_order_with_images_and_escapes_the_model(tiny, tmp_path):
     model, processor, _ = tiny
     items = E.load("MathVision_testmini", MATHVISION)[:2]
-    crop = "<think>zoom <script>alert(1)</script></think><code>\n```python\nimage_1.crop((0, 0, 20, 20)).show()\n```\n</code>"
+    crop = ("<think>zoom <script>alert(1)</script></think><code>\n```python\nimage_1.crop((0, 0, 20, 20)).show()\n"
+            "```\n</code>")
     answer = "<think>done</think><answer>A</answer><|im_end|>"
     script = lambda traj, turn: [crop, answer][turn] if traj.sample.id == items[0].id else answer
     E.evaluate(model, processor, items, str(tmp_path), script=script, **dict(TINY_EVAL, max_turn_tokens=96))
@@ -1455,7 +1466,8 @@ def test_kl_penalty_is_the_k3_estimate_by_hand():
 
 def test_drop_flat_groups_with_every_group_flat_runs_a_step(tiny, tmp_path):
     Image.new("RGB", (56, 56), "red").save(tmp_path / "r.png")
-    rows = [dict(images=["r.png"], question=f"Colour {i}?", answer="purple", data_source="perception") for i in range(2)]
+    rows = [dict(images=["r.png"], question=f"Colour {i}?", answer="purple", data_source="perception")
+            for i in range(2)]
     (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     G.train(G.parse_args(["--tiny", "--model", tiny[2], "--data", str(tmp_path / "rl.jsonl"), "--out",
                           str(tmp_path / "run"), "--group", "2", "--prompts", "2", "--steps", "1", "--drop-flat-groups",

@@ -177,7 +177,8 @@ def _lock_down(scratch, limits):
     hdr, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
     got["no capabilities"] = libc.capget(hdr, data) == 0 and libc.capset(hdr, (ctypes.c_uint32 * 6)()) == 0
     for res, value in ((resource.RLIMIT_AS, vm_now + (limits["memory_mb"] << 20)),
-                       (resource.RLIMIT_CPU, limits["cpu_seconds"]), (resource.RLIMIT_FSIZE, limits["scratch_mb"] << 20),
+                       (resource.RLIMIT_CPU, limits["cpu_seconds"]),
+                       (resource.RLIMIT_FSIZE, limits["scratch_mb"] << 20),
                        (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
     try:
@@ -399,7 +400,8 @@ class Sandbox:
                                "run model code WITHOUT these protections")
         if not Sandbox.warned:
             Sandbox.warned = True
-            print(f"WARNING: sandbox running WITHOUT: {', '.join(missing)} (DEEPEYES_UNSAFE_SANDBOX=1)", file=sys.stderr)
+            print(f"WARNING: sandbox running WITHOUT: {', '.join(missing)} (DEEPEYES_UNSAFE_SANDBOX=1)",
+                  file=sys.stderr)
 
     def run(self, code):
         """Run one cell. Returns stdout, stderr and images (PIL). Code that times out or dies (memory, CPU time)
@@ -790,14 +792,17 @@ def bench(n_parallel=16, repeats=20):
         if not os.path.exists(path):
             img.save(path)
         pre = f"from PIL import Image; import matplotlib; matplotlib.use('Agg'); image_1 = Image.open('{path}'); "
-        subprocess.run([sys.executable, "-c", pre + code.replace(".show()", ".save('/dev/null', 'PNG', compress_level=1)")],
+        code = code.replace(".show()", ".save('/dev/null', 'PNG', compress_level=1)")
+        subprocess.run([sys.executable, "-c", pre + code],
                        check=True, stdout=subprocess.DEVNULL)
 
     sb = Sandbox([img])
     rows = [("session start (fork + lock-down + image)", med(lambda: timed(lambda: Sandbox([img]).close())),
              med(lambda: timed(lambda: fresh("pass")))),
-            ("warm call: print", med(lambda: timed(lambda: sb.run("print(1)"))), med(lambda: timed(lambda: fresh("print(1)")))),
-            ("warm call: crop + show 1024px", med(lambda: timed(lambda: sb.run(crop))), med(lambda: timed(lambda: fresh(crop))))]
+            ("warm call: print", med(lambda: timed(lambda: sb.run("print(1)"))),
+             med(lambda: timed(lambda: fresh("print(1)")))),
+            ("warm call: crop + show 1024px", med(lambda: timed(lambda: sb.run(crop))),
+             med(lambda: timed(lambda: fresh(crop))))]
     sb.close()
 
     def session(_):

@@ -7,7 +7,8 @@ Four RealX-style categories, each needing a tool for real:
   search        "Which animal is the emblem of Venpe?": a fact only the local corpus holds (held-out towns never
                 appear in training, so nothing can be memorised)
   integration   a town's emblem: image search finds the town's name, then text search its animal
-The local search corpus and image index (for `python tools.py serve --min-image-score 0.95`) are generated with the items.
+The local search corpus and image index (for `python tools.py serve --min-image-score 0.95`) are generated with the
+items.
 
 Cold start and RL data differ, as in the paper (RL data is broader than the cold start): the expert's cold-start
 items ask each category in one wording (COLD_QUESTION), while half of the RL prompts and of the held-out items use
@@ -170,7 +171,8 @@ def expert_turns(item):
         name_of = {str(v): k for k, v in PALETTE.items()}
         return [f"<think>The mark is too small to see. I will find its colour with code.</think><code>\n```python\n"
                 f"{COLOUR_CODE}\n```\n</code>",
-                lambda obs: f"<think>I have the colour.</think><answer>{name_of.get(obs_value(obs), 'unknown')}</answer>"]
+                lambda obs: "<think>I have the colour.</think>"
+                            f"<answer>{name_of.get(obs_value(obs), 'unknown')}</answer>"]
     if cat == "reasoning":
         return ["<think>The marks are too small to count by eye. I will count the red pixels with code.</think><code>\n"
                 f"```python\n{COUNT_CODE}\n```\n</code>",
@@ -319,7 +321,8 @@ def pretrain_recall(path, words, steps=600, seed=0):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        print(f"\rpre-training the tiny base on recall: step {step + 1}/{steps} loss {loss.item():.3f}", end="", flush=True)
+        print(f"\rpre-training the tiny base on recall: step {step + 1}/{steps} loss {loss.item():.3f}", end="",
+              flush=True)
     print()
     model.save_pretrained(path)
     return path
