@@ -567,7 +567,7 @@ REPORT_STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-w
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 .card{border:1px solid #bbb;border-radius:6px;margin:1.2em 0;padding:.6em 1em}.card.right{border-left:6px solid #2a2}
 .card.wrong{border-left:6px solid #c33}.card.infra{border-left:6px solid #888}pre{white-space:pre-wrap;margin:.3em 0;
-padding:.4em;background:#f6f6f6;border-radius:4px}.think{color:#666;font-style:italic}.code{background:#eef3ff}
+padding:.4em;background:#f6f6f6;border-radius:4px;overflow-wrap:anywhere}p{overflow-wrap:anywhere}.think{color:#666;font-style:italic}.code{background:#eef3ff}
 .call{background:#fff4e0}.answer{font-weight:bold;background:#e8f7e8}.obs{background:#fafafa;border-left:3px solid #ddd}
 img{max-width:320px;max-height:320px;border:1px solid #ccc;margin:3px}.turn{margin:.5em 0}.role{font-size:12px;
 color:#888;text-transform:uppercase}"""

@@ -19,6 +19,7 @@ Commands:
   python grpo.py --tiny --model runs/mini/sft/checkpoint --data data/world/rl.jsonl --out runs/grpo \
       --prompt data/world/world_system_prompt.txt                # the CPU preset, on the miniature world
   python grpo.py --bench 7b --micro-batch 1                     # peak memory + time of a 7B GRPO step (GPU)
+  python grpo.py plot runs/grpo/metrics.jsonl                   # reward, accuracy, tool calls, length, entropy
 """
 import argparse
 import json
@@ -479,6 +480,33 @@ def bench(preset, lengths, micro, device=None):
     print(json.dumps(dict(bench="grpo", preset=preset, device=device, rows=rows)))
 
 
+def plot(metrics_path, out=None):
+    """The run's curves, one panel each: reward, accuracy, tool calls per sample, response length and entropy per
+    rollout batch (the paper's Fig. 8 shows the first three) -> a PNG beside the metrics (or `out`)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    if not rows:
+        sys.exit(f"error: {metrics_path} holds no metrics")
+    curves = {"reward": [r["reward"] for r in rows], "accuracy": [r["acc"] for r in rows],
+              "tool calls / sample": [r["code_calls"] + r["search_calls"] + r["image_search_calls"] for r in rows],
+              "response tokens": [r["response_tokens"] for r in rows],
+              "entropy": [r.get("entropy", float("nan")) for r in rows]}
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.6))
+    for ax, (name, ys) in zip(axes, curves.items()):
+        ax.plot([r["step"] for r in rows], ys, marker=".")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("rollout batch", fontsize=8)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    out = out or os.path.splitext(metrics_path)[0] + ".png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=M.DEFAULT_MODEL, help="policy to start from: hub name or folder (the SFT one)")
@@ -540,6 +568,12 @@ def parse_args(argv=None):
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "plot":
+        ap = argparse.ArgumentParser(description="draw a GRPO run's curves from its metrics JSONL")
+        ap.add_argument("metrics", help="runs/.../metrics.jsonl")
+        ap.add_argument("--out", help="the PNG (default: beside the metrics)")
+        a = ap.parse_args(sys.argv[2:])
+        return plot(a.metrics, a.out)
     if len(sys.argv) > 1 and sys.argv[1] == "convert":
         ap = argparse.ArgumentParser(description="convert DeepEyesV2_RL parquet files to our JSONL")
         ap.add_argument("parquets", nargs="+", help="the released parquet files")

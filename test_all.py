@@ -1474,3 +1474,14 @@ def test_drop_flat_groups_with_every_group_flat_runs_a_step(tiny, tmp_path):
                           "--max-turns", "1", "--max-turn-tokens", "4"]))
     [line] = open(tmp_path / "run" / "metrics.jsonl").readlines()
     assert json.loads(line)["step"] == 1 and json.loads(line)["reward"] == 0.0   # every group flat: no update, no crash
+
+
+def test_grpo_plot_draws_the_runs_curves(tmp_path):
+    rows = [dict(step=k, reward=0.1 * k, acc=0.1 * k, code_calls=1.0, search_calls=0.5, image_search_calls=0.0,
+                 response_tokens=100 - k, entropy=0.5) for k in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = G.plot(str(tmp_path / "metrics.jsonl"))
+    image = Image.open(png)
+    assert png.endswith("metrics.png") and image.size[0] > 4 * image.size[1] > 0   # five panels side by side
+    low, high = image.convert("L").getextrema()
+    assert high - low > 100                                                      # something was drawn

@@ -368,6 +368,7 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
                          + (["--steps", str(rl_steps)] if rl_steps else [])))
     evaluate("SFT+GRPO", os.path.join(runs, "grpo", "checkpoint"))
     E.report(os.path.join(runs, "eval", "SFT+GRPO"), data_root=out)   # every held-out trajectory, in a browser
+    G.plot(os.path.join(runs, "grpo", "metrics.jsonl"))                 # the RL curves
     evaluate("SFT+GRPO, tools disabled", os.path.join(runs, "grpo", "checkpoint"), tools_on=False)
     print(f"\nthe miniature, held-out split ({len(items)} items), {time.time() - t0:.0f} s on this machine")
     columns = CATEGORIES + ("cold-start wording", "new wording")
