@@ -368,9 +368,9 @@ def record(item, traj, correct, tok, out):
     text = re.sub(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>", "<image>", tok.decode(traj.seq.ids))
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", item.id)
     images = []
-    for k, (img, name) in enumerate(zip([*item.images, *traj.obs_images], [*item.image_paths, *traj.obs_images])):
+    for k, img in enumerate([*item.images, *traj.obs_images]):
         if isinstance(img, str):   # an input file: named as the benchmark names it
-            images.append(name)
+            images.append(item.image_paths[k])
             continue
         images.append(os.path.join("images", f"{stem}-{k}.png"))
         os.makedirs(os.path.join(out, "images"), exist_ok=True)

@@ -502,9 +502,7 @@ def _cached(kind, key, fetch):
     try:
         with open(path) as f:
             return json.load(f)
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError):   # a corrupt entry (a crash mid-write elsewhere, a full disk): fetch it again
+    except (OSError, ValueError):   # not cached yet, or a corrupt entry (a crash mid-write, a full disk): fetch it
         pass
     value = fetch()
     os.makedirs(os.path.dirname(path), exist_ok=True)
