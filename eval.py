@@ -49,9 +49,121 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.environ.get("DEEPEYES_DATA", os.path.join(os.path.expanduser("~"), ".cache", "deepeyesv2", "benchmarks"))
 LETTERS = G.LETTERS
 VLMEVAL = "https://opencompass.openxlab.space/utils/VLMEval/"
-HRBENCH = "https://huggingface.co/datasets/DreamMr/HR-Bench/resolve/main/"
+HF = "https://huggingface.co/datasets/"
 
 
+# ================================================================= the loop: each item through the agent, one line each
+def evaluate(model, processor, items, out, batch=16, judge=None, **rollout_kw):
+    """Run every unfinished item through the agent loop (greedy), append each result as soon as its trajectory ends
+    (an interrupt loses only the items in flight), return all rows."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "predictions.jsonl")
+    drop_torn_line(path)
+    done = {k for k, r in latest_rows(path).items() if not r["infra_error"]}   # infra errors are retried
+    todo = [it for it in items if it.id not in done]
+    t0, finished = time.time(), [0]
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(0, len(todo), batch):
+            chunk = {it.id: it for it in todo[i:i + batch]}
+
+            def write(t):   # called by the rollout the moment a trajectory ends
+                it = chunk[t.sample.id]
+                f.write(json.dumps(record(it, t, score(prediction(t), it, judge), processor.tokenizer, out),
+                                   ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                finished[0] += 1
+                M.progress(finished[0], len(todo), f"items ({time.time() - t0:.0f}s)", file=sys.stderr)
+            samples = [R.Sample([M.load_image(x) for x in it.images], it.question, it.answers[0], it.data_source,
+                                it.id) for it in chunk.values()]
+            R.rollout(model, processor, samples, temperature=0.0, keep_images=True, on_done=write, **rollout_kw)
+    if todo:
+        print(file=sys.stderr)
+    rows = latest_rows(path)
+    return [rows[it.id] for it in items if it.id in rows]
+
+
+# ================================================================================================ scoring
+def score(pred, item, judge=None):
+    """-> 1.0 / 0.0, or None when the judge was unreachable (an infrastructure error, not a wrong answer). The rules
+    are the training reward's own (grpo.rule_score); the judge decides what they reject, as VLMEvalKit does."""
+    if pred is None or not str(pred).strip():
+        return 0.0
+    if item.scorer == "ocr":   # OCRBench: any reference contained in the answer
+        return float(any(ocr_match(pred, gold, item.groups) for gold in item.answers))
+    if any(G.rule_score(pred, gold, item.question, item.options, item.tolerance) for gold in item.answers):
+        return 1.0
+    if judge is None or item.scorer == "relaxed":   # ChartQA: relaxed accuracy alone, as VLMEvalKit
+        return 0.0
+    try:
+        if item.options or item.scorer == "mcq":   # VLMEvalKit's "extract the choice" step
+            return float(judged_choice(judge, item, pred) == item.answers[0])
+        ask = judge.math if item.scorer == "math" or item.data_source == "reason" else judge.perception
+        return ask(item.question, " or ".join(item.answers), pred)
+    except G.JudgeError:
+        return None
+
+
+def prediction(traj):
+    """The answer in <answer>, or else the final turn's text after its thinking (as VLMEvalKit scores a response
+    without the tag, e.g. under the direct prompt)."""
+    if traj.answer is not None:
+        return traj.answer
+    final = traj.response.rsplit("<|im_start|>assistant\n", 1)[-1].replace("<|im_end|>", "")
+    return final.rsplit("</think>", 1)[-1].strip() or None
+
+
+def record(item, traj, correct, tok, out):
+    """One output line: the verdict and the whole trajectory, every image by path in order (the inputs as the
+    benchmark names them, or saved under out/images/ when they came as bytes; then the tool outputs' images)."""
+    text = re.sub(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>", "<image>", tok.decode(traj.seq.ids))
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", item.id)
+    images = []
+    for k, img in enumerate([*item.images, *traj.obs_images]):
+        if isinstance(img, str):   # an input file: named as the benchmark names it
+            images.append(item.image_paths[k])
+            continue
+        images.append(os.path.join("images", f"{stem}-{k}.png"))
+        os.makedirs(os.path.join(out, "images"), exist_ok=True)
+        (M.load_image(img) if isinstance(img, bytes) else img).save(os.path.join(out, images[-1]))
+    return dict(id=item.id, question=item.question, prediction=prediction(traj), answers=item.answers,
+                correct=correct, groups=item.groups, turns=traj.turns, calls=dict(traj.calls), finish=traj.finish,
+                infra_error=traj.infra_errors > 0 or correct is None, images=images, trajectory=text,
+                **({"problem": item.problem} if item.problem else {}))
+
+
+def summarize(rows, label):
+    """The table: accuracy overall and per group, tool-call rate per kind, mean turns; the item count in the label."""
+    scored = [r for r in rows if not r["infra_error"]]
+    groups = defaultdict(list)
+    for r in scored:
+        for g in r["groups"]:
+            groups[g].append(r["correct"])
+    acc = lambda xs: 100 * sum(xs) / len(xs) if xs else float("nan")
+    calls = Counter()
+    for r in scored:
+        calls.update({k for k, v in r["calls"].items() if v})
+    summary = dict(label=label, items=len(rows), scored=len(scored), infra_errors=len(rows) - len(scored),
+                   accuracy=acc([r["correct"] for r in scored]),
+                   groups={g: dict(n=len(v), accuracy=acc(v)) for g, v in sorted(groups.items())},
+                   tool_rate={k: 100 * v / max(1, len(scored)) for k, v in sorted(calls.items())},
+                   tool_calls_per_item=sum(sum(r["calls"].values()) for r in scored) / max(1, len(scored)),
+                   mean_turns=sum(r["turns"] for r in scored) / max(1, len(scored)))
+    if any("problem" in r for r in rows):   # WeMath: the paper quotes its strict score, not plain accuracy
+        summary["metric"] = ("Score (Strict)", wemath_strict(rows))
+        print(f"  {'Score (Strict)':24s} {summary['metric'][1]:6.1f}")
+    print(f"{label} ({len(scored)} items scored" + (f", {summary['infra_errors']} with infrastructure errors, "
+                                                   "not scored: rerun to retry" if summary["infra_errors"] else "")
+          + ")")
+    print(f"  {'overall':24s} {summary['accuracy']:6.1f}")
+    for g, v in summary["groups"].items():
+        print(f"  {g + ' (' + str(v['n']) + ')':24s} {v['accuracy']:6.1f}")
+    print("  tool-call rate: " + (", ".join(f"{k} {v:.0f}%" for k, v in summary["tool_rate"].items()) or "none")
+          + f"; calls/item {summary['tool_calls_per_item']:.2f}; mean turns {summary['mean_turns']:.2f}")
+    return summary
+
+
+# ================================================================================================ the benchmarks
 @dataclass
 class Bench:
     loader: str                 # tsv (VLMEvalKit) | realx | search | mathvision (MATH-V jsonl) | toy
@@ -76,25 +188,29 @@ def search_set(name, source, paper):
 
 
 BENCHES = {
-    "VStarBench": vlmevalkit("VStarBench", "mcq", (81.8, 78.5), url=""),
-    "HRBench4K": vlmevalkit("HRBench4K", "mcq", (77.9, 71.6), HRBENCH + "hr_bench_4k.tsv",
+    "VStarBench": vlmevalkit("VStarBench", "mcq", (81.8, 78.5),
+                             HF + "xjtupanda/VStar_Bench/resolve/main/VStarBench.tsv"),
+    "HRBench4K": vlmevalkit("HRBench4K", "mcq", (77.9, 71.6), HF + "DreamMr/HR-Bench/resolve/main/hr_bench_4k.tsv",
                             "f6b041b03d49543494b8a56d2e35be65"),
-    "HRBench8K": vlmevalkit("HRBench8K", "mcq", (73.8, 67.9), HRBENCH + "hr_bench_8k.tsv",
+    "HRBench8K": vlmevalkit("HRBench8K", "mcq", (73.8, 67.9), HF + "DreamMr/HR-Bench/resolve/main/hr_bench_8k.tsv",
                             "274c9c7f89329b804a4723178a00219c"),
-    "MME-RealWorld": vlmevalkit("MME-RealWorld", "mcq", (64.9, 57.3), url=""),
-    "MME-RealWorld-Lite": vlmevalkit("MME-RealWorld-Lite", "mcq", md5="4c17057d7d3b6c4a0d4397c3dae0881c", url=""),
-    "TreeBench": vlmevalkit("TreeBench", "mcq", url=""),
+    # VLMEvalKit builds MME-RealWorld.tsv from the JSON of hub dataset yifanzhang114/MME-RealWorld-Base64: no one URL
+    "MME-RealWorld": vlmevalkit("MME-RealWorld", "mcq", (64.9, 57.3), "", "271c33ec814c39533c467ec6fb8a6f36"),
+    "MME-RealWorld-Lite": vlmevalkit("MME-RealWorld-Lite", "mcq", url=HF + "yifanzhang114/MME-RealWorld-Base64/resolve/"
+                                     "main/mme_realworld_lite.tsv", md5="4c17057d7d3b6c4a0d4397c3dae0881c"),
+    "TreeBench": vlmevalkit("TreeBench", "mcq", url=HF + "HaochenWang/TreeBench/resolve/main/TreeBench.tsv"),
     "SEEDBench2_Plus": vlmevalkit("SEEDBench2_Plus", "mcq"),
     "OCRBench": vlmevalkit("OCRBench", "ocr", (882, 864), md5="e953d98a987cc6e26ef717b61260b778"),
-    "CharXiv_descriptive": vlmevalkit("CharXiv_descriptive", "vqa", url=""),
-    "CharXiv_reasoning": vlmevalkit("CharXiv_reasoning", "vqa", url=""),
+    "CharXiv_descriptive_val": vlmevalkit("CharXiv_descriptive_val", "vqa", md5="8507c3740f8ddaedcb6b5c1cfcb3fa06"),
+    "CharXiv_reasoning_val": vlmevalkit("CharXiv_reasoning_val", "vqa", md5="6fc1a522ad32c2e3d72a89857b8cf10b"),
     "ChartQA_TEST": vlmevalkit("ChartQA_TEST", "relaxed", (88.4, 86.2), md5="c902e0aa9be5582a7aad6dcf52734b42"),
     "MathVista_MINI": vlmevalkit("MathVista_MINI", "math", (71.9, 68.3), md5="f199b98e178e5a2a20e7048f5dcb0464"),
     "MathVision": vlmevalkit("MathVision", "math", (28.9, 25.6), md5="93f6de14f7916e598aa1b7165589831e"),
-    "MathVerse_MINI": vlmevalkit("MathVerse_MINI", "math", (52.7, 45.6), url=""),
-    "WeMath": vlmevalkit("WeMath", "mcq", url=""),
-    "DynaMath": vlmevalkit("DynaMath", "math", url=""),
-    "LogicVista": vlmevalkit("LogicVista", "math", url=""),
+    "MathVerse_MINI": vlmevalkit("MathVerse_MINI", "math", (52.7, 45.6), "http://opencompass.openxlab.space/utils/"
+                                 "benchmarks/MathVerse/MathVerse_MINIV.tsv", "5017caca32b7fa110c350a1bea861b65"),
+    "WeMath": vlmevalkit("WeMath", "mcq", md5="b5e969a075f01290a542411fb7766388"),   # reported: Score (Strict)
+    "DynaMath": vlmevalkit("DynaMath", "math", md5="b8425ad9a7114571fc9366e013699494"),
+    "LogicVista": vlmevalkit("LogicVista", "math", md5="41c5d33adf33765c399e0e6ae588c061"),
     "RealX": Bench("realx", "vqa", "agent", "RealXBench.parquet", "hub dataset glowol/RealXBench (parquet)",
                    paper=(28.3, 22.3), hub="glowol/RealXBench"),
     "FVQA-test": search_set("FVQA-test", "MMSearch-R1's release (FVQA test split, parquet or JSONL)", 60.6),
@@ -106,6 +222,8 @@ BENCHES = {
                                  "shipped: 129 items of MATH-V's testmini (data/mathvision_testmini/)"),
     "toy": Bench("toy", "vqa", "", "data/world/heldout.jsonl", "`python data/world.py` (the miniature world)"),
 }
+
+
 PAPER = [name for name, b in BENCHES.items() if b.loader in ("tsv", "realx", "search")]   # what --bench all runs
 
 
@@ -121,20 +239,10 @@ class Item:
     data_source: str = "reason"
     image_paths: list = field(default_factory=list)   # how the record names the images
     scorer: str = "vqa"
+    problem: list = None     # WeMath: [its composite problem's ID, which part] ("2steps_1" .. "3steps_multi")
 
 
 # ================================================================================================ loaders
-def jsonl_rows(path):
-    """(line number, row) of a JSONL file; malformed lines are reported with their number and skipped."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield n, json.loads(line)
-                except ValueError as e:
-                    print(f"{path}:{n}: skipped (not JSON: {e})", file=sys.stderr)
-
-
 def mcq_question(question, options, hint=None):
     """VLMEvalKit's multiple-choice prompt (ImageMCQDataset.build_prompt); letters only: the choices are drawn."""
     if not options or options == list(LETTERS[:len(options)]):
@@ -153,17 +261,30 @@ def listed(value):
     return [value]
 
 
+MME_CHOICES = ("Select the best answer to the above multiple-choice question based on the image. Respond with only "
+               "the letter (A, B, C, D, or E) of the correct option. \nThe best answer is:")
+
+
 def tsv_item(r, n, root, path, bench):
-    """A VLMEvalKit TSV row: index, image (base64, or a list), question, A.. options, answer, category, hint."""
-    options = [r[c] for c in LETTERS if r.get(c) not in (None, "", "nan")]
+    """A VLMEvalKit TSV row: index, image (base64, or a list), question, A.. options, answer, category, hint.
+    MME-RealWorld lists its options as "(A) text" in one column and asks in its own words (VLMEvalKit's
+    MMERealWorld.build_prompt); WeMath rows name their composite problem (ID) and part (key)."""
+    if r.get("multi-choice options"):
+        options = [o[4:] for o in listed(r["multi-choice options"])]
+        r = dict(r, question=f"{r['question']} The choices are listed below:\n"
+                 + "\n".join(listed(r["multi-choice options"])) + "\n" + MME_CHOICES)
+    else:
+        options = [r[c] for c in LETTERS if r.get(c) not in (None, "", "nan")]
     answers = [str(a).strip() for a in listed(r["answer"])]
     if options and answers[0] in options and not re.fullmatch(r"[A-H]", answers[0]):
         answers = [LETTERS[options.index(answers[0])]]   # the gold given as the option's text
     images = [base64.b64decode(b, validate=True) for b in listed(r["image"])]
     hint = r.get("hint") if r.get("hint") not in (None, "", "nan") else None
-    return Item(str(r["index"]), mcq_question(r["question"], options, hint), answers, images,
+    question = r["question"] if r.get("multi-choice options") else mcq_question(r["question"], options, hint)
+    return Item(str(r["index"]), question, answers, images,
                 [r.get("category") or "all"], options, 0.05 if bench.scorer == "relaxed" else 1e-4,
-                image_paths=[f"{os.path.basename(path)}#{r['index']}"] * len(images), scorer=bench.scorer)
+                image_paths=[f"{os.path.basename(path)}#{r['index']}"] * len(images), scorer=bench.scorer,
+                problem=[r["ID"], r["key"]] if r.get("key") and r.get("ID") else None)
 
 
 def realx_item(r, n, root, path, bench):
@@ -228,7 +349,7 @@ def file_rows(path):
             if len(r.get("image") or "") <= 64 and r.get("image") in stored:
                 r["image"] = stored[r["image"]]
         return rows
-    return list(jsonl_rows(path))
+    return M.jsonl_lines(path)
 
 
 def load(bench, path):
@@ -237,19 +358,14 @@ def load(bench, path):
     if not os.path.exists(path):
         sys.exit(missing(bench, path))
     spec = BENCHES[bench]
-    root, items, bad = os.path.dirname(os.path.abspath(path)), [], 0
-    for n, r in file_rows(path):
-        try:
-            item = ITEM_OF[spec.loader](r, n, root, path, spec)
-            for img in item.images:
-                M.load_image(img, check_only=True)
-            items.append(item)
-        except (KeyError, ValueError, TypeError, AttributeError, SyntaxError) as e:
-            print(f"{path}:{n}: skipped ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
-            bad += 1
-    if bad:
-        print(f"{path}: {bad} bad rows skipped, {len(items)} items kept", file=sys.stderr)
-    return items
+    root = os.path.dirname(os.path.abspath(path))
+
+    def item(r, n):
+        it = ITEM_OF[spec.loader](r, n, root, path, spec)
+        for img in it.images:
+            M.load_image(img, check_only=True)
+        return it
+    return M.kept_rows(file_rows(path), item, path, "items")
 
 
 def missing(bench, path):
@@ -306,27 +422,6 @@ def fetch(bench, path):
     return path
 
 
-# ================================================================================================ scoring
-def score(pred, item, judge=None):
-    """-> 1.0 / 0.0, or None when the judge was unreachable (an infrastructure error, not a wrong answer). The rules
-    are the training reward's own (grpo.rule_score); the judge decides what they reject, as VLMEvalKit does."""
-    if pred is None or not str(pred).strip():
-        return 0.0
-    if item.scorer == "ocr":   # OCRBench: any reference contained in the answer
-        return float(any(ocr_match(pred, gold, item.groups) for gold in item.answers))
-    if any(G.rule_score(pred, gold, item.question, item.options, item.tolerance) for gold in item.answers):
-        return 1.0
-    if judge is None or item.scorer == "relaxed":   # ChartQA: relaxed accuracy alone, as VLMEvalKit
-        return 0.0
-    try:
-        if item.options or item.scorer == "mcq":   # VLMEvalKit's "extract the choice" step
-            return float(judged_choice(judge, item, pred) == item.answers[0])
-        ask = judge.math if item.scorer == "math" or item.data_source == "reason" else judge.perception
-        return ask(item.question, " or ".join(item.answers), pred)
-    except G.JudgeError:
-        return None
-
-
 def ocr_match(pred, gold, groups):
     """OCRBench's rule (VLMEvalKit): the reference, lower-cased, inside the answer; handwritten formulas compared
     without spaces and line breaks."""
@@ -353,33 +448,6 @@ def judged_choice(judge, item, pred):
     return found.group(1)
 
 
-def prediction(traj):
-    """The answer in <answer>, or else the final turn's text after its thinking (as VLMEvalKit scores a response
-    without the tag, e.g. under the direct prompt)."""
-    if traj.answer is not None:
-        return traj.answer
-    final = traj.response.rsplit("<|im_start|>assistant\n", 1)[-1].replace("<|im_end|>", "")
-    return final.rsplit("</think>", 1)[-1].strip() or None
-
-
-def record(item, traj, correct, tok, out):
-    """One output line: the verdict and the whole trajectory, every image by path in order (the inputs as the
-    benchmark names them, or saved under out/images/ when they came as bytes; then the tool outputs' images)."""
-    text = re.sub(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>", "<image>", tok.decode(traj.seq.ids))
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", item.id)
-    images = []
-    for k, img in enumerate([*item.images, *traj.obs_images]):
-        if isinstance(img, str):   # an input file: named as the benchmark names it
-            images.append(item.image_paths[k])
-            continue
-        images.append(os.path.join("images", f"{stem}-{k}.png"))
-        os.makedirs(os.path.join(out, "images"), exist_ok=True)
-        (M.load_image(img) if isinstance(img, bytes) else img).save(os.path.join(out, images[-1]))
-    return dict(id=item.id, question=item.question, prediction=prediction(traj), answers=item.answers,
-                correct=correct, groups=item.groups, turns=traj.turns, calls=dict(traj.calls), finish=traj.finish,
-                infra_error=traj.infra_errors > 0 or correct is None, images=images, trajectory=text)
-
-
 def drop_torn_line(path):
     """A kill mid-write leaves a last line without its newline: drop it (that item runs again), or the next row
     would be glued onto it and both lost."""
@@ -395,69 +463,33 @@ def drop_torn_line(path):
 def latest_rows(path):
     """The last row written for each item id (a retried item's newer row replaces the older one)."""
     rows = {}
-    for _, r in jsonl_rows(path) if os.path.exists(path) else []:
+    for r in M.kept_rows(M.jsonl_lines(path), lambda r, n: r, path, "rows") if os.path.exists(path) else []:
         rows[r["id"]] = r
     return rows
 
 
-def evaluate(model, processor, items, out, batch=16, judge=None, **rollout_kw):
-    """Run every unfinished item through the agent loop (greedy), append each result as soon as its trajectory ends
-    (an interrupt loses only the items in flight), return all rows."""
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "predictions.jsonl")
-    drop_torn_line(path)
-    done = {k for k, r in latest_rows(path).items() if not r["infra_error"]}   # infra errors are retried
-    todo = [it for it in items if it.id not in done]
-    t0, finished = time.time(), [0]
-    with open(path, "a", encoding="utf-8") as f:
-        for i in range(0, len(todo), batch):
-            chunk = {it.id: it for it in todo[i:i + batch]}
-
-            def write(t):   # called by the rollout the moment a trajectory ends
-                it = chunk[t.sample.id]
-                f.write(json.dumps(record(it, t, score(prediction(t), it, judge), processor.tokenizer, out),
-                                   ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                finished[0] += 1
-                print(f"\r[{'#' * (30 * finished[0] // len(todo))}{'.' * (30 - 30 * finished[0] // len(todo))}] "
-                      f"{finished[0]}/{len(todo)} items ({time.time() - t0:.0f}s)", end="", flush=True,
-                      file=sys.stderr)
-            samples = [R.Sample([M.load_image(x) for x in it.images], it.question, it.answers[0], it.data_source,
-                                it.id) for it in chunk.values()]
-            R.rollout(model, processor, samples, temperature=0.0, keep_images=True, on_done=write, **rollout_kw)
-    if todo:
-        print(file=sys.stderr)
-    rows = latest_rows(path)
-    return [rows[it.id] for it in items if it.id in rows]
-
-
-def summarize(rows, label):
-    """The table: accuracy overall and per group, tool-call rate per kind, mean turns; the item count in the label."""
-    scored = [r for r in rows if not r["infra_error"]]
-    groups = defaultdict(list)
-    for r in scored:
-        for g in r["groups"]:
-            groups[g].append(r["correct"])
-    acc = lambda xs: 100 * sum(xs) / len(xs) if xs else float("nan")
-    calls = Counter()
-    for r in scored:
-        calls.update({k for k, v in r["calls"].items() if v})
-    summary = dict(label=label, items=len(rows), scored=len(scored), infra_errors=len(rows) - len(scored),
-                   accuracy=acc([r["correct"] for r in scored]),
-                   groups={g: dict(n=len(v), accuracy=acc(v)) for g, v in sorted(groups.items())},
-                   tool_rate={k: 100 * v / max(1, len(scored)) for k, v in sorted(calls.items())},
-                   tool_calls_per_item=sum(sum(r["calls"].values()) for r in scored) / max(1, len(scored)),
-                   mean_turns=sum(r["turns"] for r in scored) / max(1, len(scored)))
-    print(f"{label} ({len(scored)} items scored" + (f", {summary['infra_errors']} with infrastructure errors, "
-                                                   "not scored: rerun to retry" if summary["infra_errors"] else "")
-          + ")")
-    print(f"  {'overall':24s} {summary['accuracy']:6.1f}")
-    for g, v in summary["groups"].items():
-        print(f"  {g + ' (' + str(v['n']) + ')':24s} {v['accuracy']:6.1f}")
-    print("  tool-call rate: " + (", ".join(f"{k} {v:.0f}%" for k, v in summary["tool_rate"].items()) or "none")
-          + f"; calls/item {summary['tool_calls_per_item']:.2f}; mean turns {summary['mean_turns']:.2f}")
-    return summary
+def wemath_strict(rows):
+    """WeMath's headline, "Score (Strict)" (VLMEvalKit's wemath.py): each composite problem has 2 or 3 one-step parts
+    and the multi-step question. Wrong multi-step with every part right: inadequate generalisation (IG); with a part
+    wrong: insufficient knowledge (IK); right multi-step with a part wrong: rote memorisation (RM). Score =
+    (N - 0.5 IG - RM - IK) / N over the N problems. VLMEvalKit divides by 525, the full set's count, and so credits
+    a problem with a part missing; here such a problem (an infrastructure error, a --limit) is left out of N."""
+    problems = defaultdict(dict)
+    for r in rows:
+        if "problem" in r and not r["infra_error"]:
+            pid, key = r["problem"]
+            steps, part = key.split("_")
+            problems[(steps, pid)][part] = bool(r["correct"])
+    ig = ik = rm = n = 0
+    for (steps, _), parts in problems.items():
+        subs = [parts.get(str(i)) for i in range(1, int(steps[0]) + 1)]
+        if None in subs or "multi" not in parts:
+            continue
+        n += 1
+        ig += all(subs) and not parts["multi"]
+        ik += not all(subs) and not parts["multi"]
+        rm += not all(subs) and parts["multi"]
+    return 100 * (n - 0.5 * ig - rm - ik) / n if n else float("nan")
 
 
 def protocol(args, bench, data, cfg):
@@ -557,7 +589,7 @@ def print_table(results):
         if isinstance(r, str):
             print(f"{name:22s} {'-':>7s} {cell(paper[0]):>11s} {cell(paper[1]):>11s}  {r}")
             continue
-        ours = r["accuracy"] * (10 if BENCHES[name].scorer == "ocr" else 1)
+        ours = r["metric"][1] if "metric" in r else r["accuracy"] * (10 if BENCHES[name].scorer == "ocr" else 1)
         print(f"{name:22s} {ours:7.1f} {cell(paper[0]):>11s} {cell(paper[1]):>11s} {r['scored']:6d} "
               f"{r['tool_calls_per_item']:10.2f} {r['mean_turns']:6.2f}")
 
@@ -571,9 +603,13 @@ padding:.4em;background:#f6f6f6;border-radius:4px;overflow-wrap:anywhere}p{overf
 .call{background:#fff4e0}.answer{font-weight:bold;background:#e8f7e8}.obs{background:#fafafa;border-left:3px solid #ddd}
 img{max-width:320px;max-height:320px;border:1px solid #ccc;margin:3px}.turn{margin:.5em 0}.role{font-size:12px;
 color:#888;text-transform:uppercase}"""
+
+
 REPORT_FILTER = """function show(v){for(const c of document.querySelectorAll('.card')){const k=c.dataset;
 c.style.display=(v=='all'||(v=='right'&&k.verdict=='right')||(v=='wrong'&&k.verdict=='wrong')||
 k.tools.split(' ').includes(v))?'':'none'}}"""
+
+
 TAGGED = re.compile(r"(<think>.*?</think>|<code>.*?</code>|<tool_call>.*?</tool_call>|<answer>.*?</answer>)", re.S)
 
 

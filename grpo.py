@@ -31,12 +31,170 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import requests
 import torch
 
 import model as M
 import rollout as R
 import tools
+
+
+# ================================================================================================ GRPO core
+def group_advantages(rewards, group_size):
+    """(r - mean of its group) / (unbiased std of the group + 1e-6); all-equal groups get exactly 0."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=True) + 1e-6)).view(-1)
+
+
+def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
+    """PPO-clip with dual clip, per token; mean over each sequence's model tokens, then over sequences.
+    logp, old_logp, mask: [B, T]; adv: [B] (broadcast to every model token). Returns (loss, clip fraction)."""
+    log_ratio = (logp - old_logp).clamp(-20, 20)
+    ratio = log_ratio.exp()
+    a = adv[:, None]
+    clipped = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high))
+    per_token = torch.where(a < 0, torch.minimum(clipped, dual_clip * a.abs()), clipped)   # dual clip: cap at 3|A|
+    per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+    clip_frac = (((ratio - 1).abs() > clip_low).float() * mask).sum() / mask.sum().clamp(min=1)
+    return per_seq.mean(), clip_frac
+
+
+def kl_k3(logp, ref_logp, mask):
+    """The k3 estimate of KL(policy || reference) per token, exp(r) - r - 1 with r = ref - logp (>= 0, unbiased),
+    averaged over each sequence's model tokens, then over sequences (as the policy loss)."""
+    r = ref_logp - logp
+    return (((r.exp() - r - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+# ================================================================================================ the loop
+def train(args):
+    torch.manual_seed(args.seed)
+    samples = load_prompts(args.data)
+    if not samples:
+        sys.exit(f"error: no usable RL prompts in {args.data}")
+    ckpt = M.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
+    model, processor = M.load_model(ckpt or args.model)
+    if args.grad_ckpt:
+        M.set_gradient_checkpointing(model)
+    if args.freeze_embeddings:   # tied: the output projection too (why: sft.py's docstring)
+        model.get_input_embeddings().weight.requires_grad_(False)
+    random.Random(args.seed).shuffle(samples)   # a batch mixes sources, the same order on a resume
+    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    step = M.load_checkpoint(ckpt, opt) if ckpt else 0
+    judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
+    prompt = R.load_prompt(args.prompt)   # for rows that carry no prompt of their own
+    image_cache = tools.ImageSearchCache(args.image_search_cache) if args.image_search_cache else None
+    os.makedirs(args.out, exist_ok=True)
+    n_batches = min(args.steps, math.ceil(len(samples) * args.epochs / args.prompts))
+    ref = None   # the KL reference model (--kl only)
+    for step in range(step, n_batches):
+        t0 = time.time()
+        prompts = [samples[(step * args.prompts + k) % len(samples)] for k in range(args.prompts)]
+        model.eval()
+        trajs = R.rollout(model, processor, prompts, n=args.group, temperature=args.temperature,
+                          top_p=args.top_p, max_turns=args.max_turns, search_url=args.search_url,
+                          max_response_tokens=args.max_response_tokens, max_turn_tokens=args.max_turn_tokens,
+                          max_pixels=args.max_pixels, prompt=prompt, image_search_cache=image_cache)
+        t1 = time.time()
+        score_all(trajs, judge, args.judge_mode)
+        rollout_metrics = batch_metrics(trajs)
+        adv = group_advantages([t.reward["score"] for t in trajs], args.group)   # <- the advantage
+        adv[torch.tensor([t.infra_errors > 0 for t in trajs])] = 0.0            # never learn from broken tools
+        if args.drop_flat_groups:
+            flat = adv.view(-1, args.group).abs().sum(1) == 0
+            trajs = [t for k, t in enumerate(trajs) if not flat[k // args.group]]
+            adv = adv.view(-1, args.group)[~flat].view(-1)
+        if args.kl:
+            ref = ref or M.load_model(args.model)[0]   # loaded once, on the first step that needs it
+            for t, lp in zip(trajs, recompute_logprobs(ref, trajs, args.micro_batch)):
+                t.ref_logp = lp
+        t2 = time.time()
+        model.train()
+        upd = grpo_update(model, opt, trajs, adv, args) if trajs else {}
+        metrics = dict(step=step + 1, **rollout_metrics, **upd, t_rollout=t1 - t0, t_reward=t2 - t1,
+                       t_update=time.time() - t2)
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        print(f"\rstep {step + 1}/{n_batches} reward {metrics['reward']:.3f} acc {metrics['acc']:.3f} "
+              f"tools {metrics['code_calls'] + metrics['search_calls'] + metrics['image_search_calls']:.2f} "
+              f"len {metrics['response_tokens']:.0f} ({time.time() - t0:.1f}s)", end="", flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == n_batches:
+            M.save_checkpoint(args.out, model, processor, opt, step + 1)
+    print()
+    return model
+
+
+def grpo_update(model, opt, trajs, adv, args):
+    """One rollout batch -> len(trajs) / (mini_batch * group) optimizer steps, 1 epoch. Returns step metrics."""
+    dev = next(model.parameters()).device
+    micro, per_step = args.micro_batch, args.mini_batch * args.group
+    # by length within each optimizer step (the same sum, so the same step): micro-batches pad less
+    order = sorted(range(len(trajs)), key=lambda k: (k // per_step, len(trajs[k].seq.ids)))
+    trajs, adv = [trajs[k] for k in order], adv[order]
+    old = recompute_logprobs(model, trajs, micro)
+    stats = []
+    for s in range(0, len(trajs), per_step):
+        opt.zero_grad(set_to_none=True)
+        clip, ent = [], []
+        for i in range(s, min(s + per_step, len(trajs)), micro):
+            chunk = trajs[i:i + micro]
+            logp, entropy = M.token_logprobs(model, [t.seq for t in chunk], with_entropy=True)
+            T = logp.shape[1]
+            mask = torch.zeros_like(logp)
+            for b, t in enumerate(chunk):   # tool outputs and image pads are in the context, never in the loss
+                # logp[:, k] scores token k+1 (a token is predicted from the ones before it): the mask shifts by one
+                mask[b, :len(t.action_mask) - 1] = torch.tensor(t.action_mask[1:], dtype=mask.dtype)
+            old_lp = torch.stack([torch.nn.functional.pad(old[i + b], (0, T - len(old[i + b])))
+                                  for b in range(len(chunk))]).to(dev)
+            loss, cf = policy_loss(logp, old_lp, adv[i:i + len(chunk)].to(dev), mask, args.clip_low, args.clip_high,
+                                   args.dual_clip)
+            if args.kl:   # optional (off in the paper): a KL penalty to the reference model
+                ref = torch.stack([torch.nn.functional.pad(t.ref_logp, (0, T - len(t.ref_logp)))
+                                   for t in chunk]).to(dev)
+                loss = loss + args.kl * kl_k3(logp, ref, mask)
+            (loss * len(chunk) / min(per_step, len(trajs) - s)).backward()   # sequences weigh the same in the mean
+            clip.append(cf.item())
+            ent.append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
+        gnorm, stepped = M.finite_step(opt, [p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        stats.append(dict(clip_frac=sum(clip) / len(clip), entropy=sum(ent) / len(ent), grad_norm=gnorm,
+                          non_finite_steps=float(not stepped)))
+    out = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
+    out["non_finite_steps"] = sum(d["non_finite_steps"] for d in stats)   # skipped, never applied (a count)
+    return out
+
+
+def score_all(trajs, judge=None, judge_mode="all", workers=16):
+    """Rewards for every trajectory, judge calls in parallel; judge failures are counted, not scored."""
+    def one(t):
+        try:
+            t.reward = compute_reward(t.response, t.sample.answer, t.sample.data_source, t.sample.question, judge,
+                                      judge_mode)
+        except JudgeError:
+            t.infra_errors += 1
+            t.reward = dict(score=0.0, acc=0.0, format=0.0, judged=False)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, trajs))
+
+
+@torch.no_grad()
+def recompute_logprobs(model, trajs, micro):
+    """Old log-probs by the trainer's own forward (not the sampler's): the ratio starts at exactly 1."""
+    out = []
+    for i in range(0, len(trajs), micro):
+        lp = M.token_logprobs(model, [t.seq for t in trajs[i:i + micro]])
+        out += [row[:len(t.seq.ids) - 1].cpu() for row, t in zip(lp, trajs[i:i + micro])]
+    return out   # one [len - 1] tensor per trajectory
+
+
+def batch_metrics(trajs):
+    n = len(trajs)
+    mean = lambda f: sum(f(t) for t in trajs) / n
+    return dict(reward=mean(lambda t: t.reward["score"]), acc=mean(lambda t: t.reward["acc"]),
+                format=mean(lambda t: t.reward["format"]), turns=mean(lambda t: t.turns),
+                response_tokens=mean(lambda t: len(t.seq.ids) - t.prompt_len),
+                code_calls=mean(lambda t: t.calls["code"]), search_calls=mean(lambda t: t.calls["search"]),
+                image_search_calls=mean(lambda t: t.calls["image_search"]),
+                judged=mean(lambda t: t.reward.get("judged", False)),   # the rest the rules decided
+                infra_errors=sum(t.infra_errors for t in trajs))
 
 
 # ================================================================================================ the reward
@@ -159,6 +317,8 @@ def normalize_final_answer(answer):
 
 MINERVA_SUBSTITUTIONS = [("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), (r"\ ", ""), (" ", ""), ("mbox", "text"),
                          (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}")]
+
+
 MINERVA_REMOVED = ["square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots", "sue",
                    "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals",
                    "edges", "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}",
@@ -209,117 +369,9 @@ class LLMJudge:
     def chat(self, messages, temperature, max_tokens=None):
         body = dict(model=self.model, messages=messages, temperature=temperature,
                     **({"max_tokens": max_tokens} if max_tokens else {}))
-        last = None
-        for attempt in range(self.retries):
-            try:
-                r = requests.post(self.url + "/chat/completions", json=body, timeout=self.timeout,
-                                  headers={"Authorization": f"Bearer {self.api_key}"})
-                r.raise_for_status()
-                return str(r.json()["choices"][0]["message"]["content"]).strip()
-            except (requests.RequestException, KeyError, IndexError, TypeError, ValueError) as e:
-                last = str(e)[:200]
-            time.sleep(0.5 * 2 ** attempt)
-        raise JudgeError(f"judge {self.url} failed after {self.retries} tries: {last}")
-
-
-# ================================================================================================ GRPO core
-def group_advantages(rewards, group_size):
-    """(r - mean of its group) / (unbiased std of the group + 1e-6); all-equal groups get exactly 0."""
-    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=True) + 1e-6)).view(-1)
-
-
-def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
-    """PPO-clip with dual clip, per token; mean over each sequence's model tokens, then over sequences.
-    logp, old_logp, mask: [B, T]; adv: [B] (broadcast to every model token). Returns (loss, clip fraction)."""
-    log_ratio = (logp - old_logp).clamp(-20, 20)
-    ratio = log_ratio.exp()
-    a = adv[:, None]
-    clipped = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high))
-    per_token = torch.where(a < 0, torch.minimum(clipped, dual_clip * a.abs()), clipped)   # dual clip: cap at 3|A|
-    per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
-    clip_frac = (((ratio - 1).abs() > clip_low).float() * mask).sum() / mask.sum().clamp(min=1)
-    return per_seq.mean(), clip_frac
-
-
-def kl_k3(logp, ref_logp, mask):
-    """The k3 estimate of KL(policy || reference) per token, exp(r) - r - 1 with r = ref - logp (>= 0, unbiased),
-    averaged over each sequence's model tokens, then over sequences (as the policy loss)."""
-    r = ref_logp - logp
-    return (((r.exp() - r - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-
-
-def score_all(trajs, judge=None, judge_mode="all", workers=16):
-    """Rewards for every trajectory, judge calls in parallel; judge failures are counted, not scored."""
-    def one(t):
-        try:
-            t.reward = compute_reward(t.response, t.sample.answer, t.sample.data_source, t.sample.question, judge,
-                                      judge_mode)
-        except JudgeError:
-            t.infra_errors += 1
-            t.reward = dict(score=0.0, acc=0.0, format=0.0, judged=False)
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, trajs))
-
-
-@torch.no_grad()
-def recompute_logprobs(model, trajs, micro):
-    """Old log-probs by the trainer's own forward (not the sampler's): the ratio starts at exactly 1."""
-    out = []
-    for i in range(0, len(trajs), micro):
-        lp = M.token_logprobs(model, [t.seq for t in trajs[i:i + micro]])
-        out += [row[:len(t.seq.ids) - 1].cpu() for row, t in zip(lp, trajs[i:i + micro])]
-    return out   # one [len - 1] tensor per trajectory
-
-
-def grpo_update(model, opt, trajs, adv, args):
-    """One rollout batch -> len(trajs) / (mini_batch * group) optimizer steps, 1 epoch. Returns step metrics."""
-    dev = next(model.parameters()).device
-    micro, per_step = args.micro_batch, args.mini_batch * args.group
-    # by length within each optimizer step (the same sum, so the same step): micro-batches pad less
-    order = sorted(range(len(trajs)), key=lambda k: (k // per_step, len(trajs[k].seq.ids)))
-    trajs, adv = [trajs[k] for k in order], adv[order]
-    old = recompute_logprobs(model, trajs, micro)
-    stats = []
-    for s in range(0, len(trajs), per_step):
-        opt.zero_grad(set_to_none=True)
-        clip, ent = [], []
-        for i in range(s, min(s + per_step, len(trajs)), micro):
-            chunk = trajs[i:i + micro]
-            logp, entropy = M.token_logprobs(model, [t.seq for t in chunk], with_entropy=True)
-            T = logp.shape[1]
-            mask = torch.zeros_like(logp)
-            for b, t in enumerate(chunk):   # tool outputs and image pads are in the context, never in the loss
-                mask[b, :len(t.action_mask) - 1] = torch.tensor(t.action_mask[1:], dtype=mask.dtype)
-            old_lp = torch.stack([torch.nn.functional.pad(old[i + b], (0, T - len(old[i + b])))
-                                  for b in range(len(chunk))]).to(dev)
-            loss, cf = policy_loss(logp, old_lp, adv[i:i + len(chunk)].to(dev), mask, args.clip_low, args.clip_high,
-                                   args.dual_clip)
-            if args.kl:   # optional (off in the paper): a KL penalty to the reference model
-                ref = torch.stack([torch.nn.functional.pad(t.ref_logp, (0, T - len(t.ref_logp)))
-                                   for t in chunk]).to(dev)
-                loss = loss + args.kl * kl_k3(logp, ref, mask)
-            (loss * len(chunk) / min(per_step, len(trajs) - s)).backward()   # sequences weigh the same in the mean
-            clip.append(cf.item())
-            ent.append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
-        gnorm, stepped = M.finite_step(opt, [p for p in model.parameters() if p.requires_grad], args.grad_clip)
-        stats.append(dict(clip_frac=sum(clip) / len(clip), entropy=sum(ent) / len(ent), grad_norm=gnorm,
-                          non_finite_steps=float(not stepped)))
-    out = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
-    out["non_finite_steps"] = sum(d["non_finite_steps"] for d in stats)   # skipped, never applied (a count)
-    return out
-
-
-def batch_metrics(trajs):
-    n = len(trajs)
-    mean = lambda f: sum(f(t) for t in trajs) / n
-    return dict(reward=mean(lambda t: t.reward["score"]), acc=mean(lambda t: t.reward["acc"]),
-                format=mean(lambda t: t.reward["format"]), turns=mean(lambda t: t.turns),
-                response_tokens=mean(lambda t: len(t.seq.ids) - t.prompt_len),
-                code_calls=mean(lambda t: t.calls["code"]), search_calls=mean(lambda t: t.calls["search"]),
-                image_search_calls=mean(lambda t: t.calls["image_search"]),
-                judged=mean(lambda t: t.reward.get("judged", False)),   # the rest the rules decided
-                infra_errors=sum(t.infra_errors for t in trajs))
+        return tools.post_json(self.url + "/chat/completions", body, lambda reply: str(
+            reply["choices"][0]["message"]["content"]).strip(), JudgeError,
+            {"Authorization": f"Bearer {self.api_key}"}, self.retries, self.timeout)
 
 
 # ================================================================================================ data
@@ -327,19 +379,8 @@ def load_prompts(path):
     """JSONL rows {images: [paths relative to the file], question, answer, data_source, id[, prompt]}; `prompt`,
     the chat messages a released row was trained with ("<image>" where its images go), is used as given. Every row
     is checked here (its images decoded once): a bad one is reported with its line, skipped and counted."""
-    root, samples, bad = os.path.dirname(os.path.abspath(path)), [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                samples.append(prompt_row(json.loads(line), root, n))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                print(f"{path}:{n}: skipped ({str(e)[:200]})", file=sys.stderr)
-                bad += 1
-    if bad:
-        print(f"{path}: {bad} bad rows skipped, {len(samples)} prompts kept", file=sys.stderr)
-    return samples
+    root = os.path.dirname(os.path.abspath(path))
+    return M.kept_rows(M.jsonl_lines(path), lambda row, n: prompt_row(row, root, n), path, "prompts")
 
 
 def prompt_row(row, root, n):
@@ -393,64 +434,7 @@ def convert(parquets, out):
     print(f"wrote {out}/rl.jsonl")
 
 
-# ================================================================================================ the loop
-def train(args):
-    torch.manual_seed(args.seed)
-    samples = load_prompts(args.data)
-    if not samples:
-        sys.exit(f"error: no usable RL prompts in {args.data}")
-    ckpt = M.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
-    model, processor = M.load_model(ckpt or args.model)
-    if args.grad_ckpt:
-        M.set_gradient_checkpointing(model)
-    if args.freeze_embeddings:   # tied: the output projection too (why: sft.py's docstring)
-        model.get_input_embeddings().weight.requires_grad_(False)
-    random.Random(args.seed).shuffle(samples)   # a batch mixes sources, the same order on a resume
-    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    step = M.load_checkpoint(ckpt, opt) if ckpt else 0
-    judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
-    prompt = R.load_prompt(args.prompt)   # for rows that carry no prompt of their own
-    image_cache = tools.ImageSearchCache(args.image_search_cache) if args.image_search_cache else None
-    os.makedirs(args.out, exist_ok=True)
-    n_batches = min(args.steps, math.ceil(len(samples) * args.epochs / args.prompts))
-    ref = None   # the KL reference model (--kl only)
-    for step in range(step, n_batches):
-        t0 = time.time()
-        prompts = [samples[(step * args.prompts + k) % len(samples)] for k in range(args.prompts)]
-        model.eval()
-        trajs = R.rollout(model, processor, prompts, n=args.group, temperature=args.temperature,
-                          top_p=args.top_p, max_turns=args.max_turns, search_url=args.search_url,
-                          max_response_tokens=args.max_response_tokens, max_turn_tokens=args.max_turn_tokens,
-                          max_pixels=args.max_pixels, prompt=prompt, image_search_cache=image_cache)
-        t1 = time.time()
-        score_all(trajs, judge, args.judge_mode)
-        rollout_metrics = batch_metrics(trajs)
-        adv = group_advantages([t.reward["score"] for t in trajs], args.group)   # <- the advantage
-        adv[torch.tensor([t.infra_errors > 0 for t in trajs])] = 0.0            # never learn from broken tools
-        if args.drop_flat_groups:
-            flat = adv.view(-1, args.group).abs().sum(1) == 0
-            trajs = [t for k, t in enumerate(trajs) if not flat[k // args.group]]
-            adv = adv.view(-1, args.group)[~flat].view(-1)
-        if args.kl:
-            ref = ref or M.load_model(args.model)[0]   # loaded once, on the first step that needs it
-            for t, lp in zip(trajs, recompute_logprobs(ref, trajs, args.micro_batch)):
-                t.ref_logp = lp
-        t2 = time.time()
-        model.train()
-        upd = grpo_update(model, opt, trajs, adv, args) if trajs else {}
-        metrics = dict(step=step + 1, **rollout_metrics, **upd, t_rollout=t1 - t0, t_reward=t2 - t1,
-                       t_update=time.time() - t2)
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        print(f"\rstep {step + 1}/{n_batches} reward {metrics['reward']:.3f} acc {metrics['acc']:.3f} "
-              f"tools {metrics['code_calls'] + metrics['search_calls'] + metrics['image_search_calls']:.2f} "
-              f"len {metrics['response_tokens']:.0f} ({time.time() - t0:.1f}s)", end="", flush=True)
-        if (step + 1) % args.save_every == 0 or step + 1 == n_batches:
-            M.save_checkpoint(args.out, model, processor, opt, step + 1)
-    print()
-    return model
-
-
+# ================================================================================================ bench, plot, CLI
 def bench(preset, lengths, micro, device=None):
     """Peak memory and time of one GRPO optimizer step (old log-probs + clipped loss over 2 micro-batches) on
     synthetic trajectories of each length: half the response tokens are the model's, half observations."""

@@ -69,6 +69,27 @@ TINY_PRESETS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------------- loading
+def load_model(name_or_path=DEFAULT_MODEL, device=None, dtype=None):
+    """(model, processor) from a hub name or a local folder; bf16 + sdpa on CUDA, float32 on CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    if os.path.isdir(name_or_path) and not os.path.exists(os.path.join(name_or_path, "config.json")):
+        sys.exit(f"error: {os.path.abspath(name_or_path)} is a folder without config.json: not a model (a hub name "
+                 "or a folder written by save_pretrained / `python model.py --tiny DIR`)")
+    try:
+        processor = Processor.from_pretrained(name_or_path)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype,
+                                                                   attn_implementation="sdpa")
+    except OSError as e:
+        where = os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
+        sys.exit(f"error: cannot load model '{where}' ({str(e).splitlines()[0][:160]}). Download it on a machine "
+                 f"with hub access (`hf download {name_or_path} --local-dir DIR`), copy DIR here and pass "
+                 f"--model DIR; or build the CPU model with `python model.py --tiny DIR`.")
+    model.config.use_cache = True
+    return model.to(device).eval(), processor
+
+
 class Processor(Qwen2_5_VLProcessor):
     """Qwen2_5_VLProcessor without its video processor, which needs torchvision: `AutoProcessor` fails without
     it, and the PyPI torchvision does not import beside the CPU torch wheel."""
@@ -83,42 +104,6 @@ class Processor(Qwen2_5_VLProcessor):
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         return cls(image_processor, tokenizer, chat_template=getattr(tokenizer, "chat_template", None))
-
-
-# ----------------------------------------------------------------------------------------------------- images
-def load_image(src, check_only=False):
-    """An RGB image from a path or bytes, decoded in full (a truncated file fails here, at load, not mid-run);
-    check_only: open and verify only (fast), return None. Anything unreadable raises ValueError with the reason:
-    a missing or corrupt file, a non-image, a decompression bomb (a 20000 x 20000 PNG), a path that is not a str."""
-    try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
-            if check_only:
-                img.verify()
-                return None
-            return img.convert("RGB")
-    except (OSError, ValueError, TypeError, AttributeError, SyntaxError, Image.DecompressionBombError) as e:
-        what = src if isinstance(src, str) else f"({type(src).__name__})"
-        raise ValueError(f"unreadable image {what}: {type(e).__name__}: {str(e)[:120]}") from e
-
-
-def prepare_image(img, min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS):
-    """Squeeze aspect ratios > 200, upscale sides < 32 px, then smart-resize to multiples of 28 (as the original)."""
-    img = img.convert("RGB")
-    w, h = img.size
-    if max(w, h) / min(w, h) > 200:   # squeeze the long side so the ratio drops below 200
-        w, h = (min(w, 199 * h), h) if w > h else (w, min(h, 199 * w))
-    if min(w, h) < 32:                # Qwen-VL fails on tiny sides: upscale the short side to 32
-        s = 32 / min(w, h)
-        w, h = math.ceil(w * s), math.ceil(h * s)
-    hb, wb = max(FACTOR, round(h / FACTOR) * FACTOR), max(FACTOR, round(w / FACTOR) * FACTOR)
-    if hb * wb > max_pixels:
-        beta = math.sqrt(h * w / max_pixels)
-        hb = max(FACTOR, math.floor(h / beta / FACTOR) * FACTOR)
-        wb = max(FACTOR, math.floor(w / beta / FACTOR) * FACTOR)
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
-        hb, wb = math.ceil(h * beta / FACTOR) * FACTOR, math.ceil(w * beta / FACTOR) * FACTOR
-    return img if (wb, hb) == img.size else img.resize((wb, hb), Image.BICUBIC)
 
 
 # ----------------------------------------------------------------------------------------------------- tokens
@@ -159,26 +144,32 @@ def encode(processor, text, images=(), max_pixels=RL_MAX_PIXELS):
     return Seq(ids, [int(t == pad_id) for t in ids], pixels, grids)
 
 
-def encode_plain(tok, text):
-    """Token ids of untrusted text (tool output): the strings of Qwen's special tokens and of <tool_call> /
-    </tool_call> are encoded as the plain text they are, never as those tokens; everything else as usual (a word
-    the vocabulary has as one added token stays that token)."""
-    ids = []
-    for k, part in enumerate(guarded_tokens(tok).split(text)):
-        if k % 2:   # a special token's string: its plain byte-level BPE pieces
-            backend = tok.backend_tokenizer
-            ids += [t.id for piece, _ in backend.pre_tokenizer.pre_tokenize_str(part)
-                    for t in backend.model.tokenize(piece)]
-        elif part:
-            ids += tok.encode(part, add_special_tokens=False)
-    return ids
+def token_logprobs(model, seqs, temperature=1.0, with_entropy=False, chunk=2048):
+    """Per-token log-probs [B, T-1] of seqs[b].ids[1:] under the model (one forward, right padded).
 
+    Entry t scores token t+1. Padding positions hold 0. This is the training forward of SFT and GRPO, and the
+    rollout's sampler log-probs must match it (test_all.py::test_rollout_logprobs_match_training_forward).
+    The vocabulary projection runs `chunk` positions at a time under checkpointing: full float32 logits of a
+    16k-token 7B trajectory would be 16384 x 152064 x 4 bytes = 10 GB, twice over with the log-softmax."""
+    device = next(model.parameters()).device
+    batch = collate(model, seqs, device)
+    hidden = model.model(**batch, use_cache=False).last_hidden_state[:, :-1]
+    targets = batch["input_ids"][:, 1:]
 
-@functools.lru_cache(maxsize=8)
-def guarded_tokens(tok):
-    """A regex that splits text at the strings of the tokenizer's special tokens (and <tool_call> / </tool_call>)."""
-    strings = sorted((t for t in QWEN_ADDED if t in tok.get_vocab()), key=len, reverse=True)
-    return re.compile("(" + "|".join(map(re.escape, strings)) + ")")
+    def score(h, tgt):   # one chunk: logits -> log-softmax -> log-prob of the target (and the entropy)
+        logp_all = F.log_softmax(model.lm_head(h).float() / temperature, dim=-1)
+        logp = logp_all.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        if not with_entropy:
+            return logp, logp
+        with torch.no_grad():   # a metric only: with a graph, its recomputed [chunk, vocab] tensors would stay
+            return logp, -(logp_all.exp() * logp_all).sum(-1)   # alive to the end of backward (+1.2 GB per 1k tokens)
+
+    parts = [torch.utils.checkpoint.checkpoint(score, hidden[:, s:s + chunk], targets[:, s:s + chunk],
+                                               use_reentrant=False) if torch.is_grad_enabled()
+             else score(hidden[:, s:s + chunk], targets[:, s:s + chunk]) for s in range(0, targets.shape[1], chunk)]
+    live = batch["attention_mask"][:, 1:]
+    logp = torch.cat([p[0] for p in parts], 1) * live
+    return (logp, torch.cat([p[1] for p in parts], 1) * live) if with_entropy else logp
 
 
 def rope_positions(model, seq, device=None):
@@ -211,34 +202,161 @@ def collate(model, seqs, device):
     return batch
 
 
-def token_logprobs(model, seqs, temperature=1.0, with_entropy=False, chunk=2048):
-    """Per-token log-probs [B, T-1] of seqs[b].ids[1:] under the model (one forward, right padded).
-
-    Entry t scores token t+1. Padding positions hold 0. This is the training forward of SFT and GRPO, and the
-    rollout's sampler log-probs must match it (test_all.py::test_rollout_logprobs_match_training_forward).
-    The vocabulary projection runs `chunk` positions at a time under checkpointing: full float32 logits of a
-    16k-token 7B trajectory would be 16384 x 152064 x 4 bytes = 10 GB, twice over with the log-softmax."""
-    device = next(model.parameters()).device
-    batch = collate(model, seqs, device)
-    hidden = model.model(**batch, use_cache=False).last_hidden_state[:, :-1]
-    targets = batch["input_ids"][:, 1:]
-
-    def score(h, tgt):   # one chunk: logits -> log-softmax -> log-prob of the target (and the entropy)
-        logp_all = F.log_softmax(model.lm_head(h).float() / temperature, dim=-1)
-        logp = logp_all.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        if not with_entropy:
-            return logp, logp
-        with torch.no_grad():   # a metric only: with a graph, its recomputed [chunk, vocab] tensors would stay
-            return logp, -(logp_all.exp() * logp_all).sum(-1)   # alive to the end of backward (+1.2 GB per 1k tokens)
-
-    parts = [torch.utils.checkpoint.checkpoint(score, hidden[:, s:s + chunk], targets[:, s:s + chunk],
-                                               use_reentrant=False) if torch.is_grad_enabled()
-             else score(hidden[:, s:s + chunk], targets[:, s:s + chunk]) for s in range(0, targets.shape[1], chunk)]
-    live = batch["attention_mask"][:, 1:]
-    logp = torch.cat([p[0] for p in parts], 1) * live
-    return (logp, torch.cat([p[1] for p in parts], 1) * live) if with_entropy else logp
+def encode_plain(tok, text):
+    """Token ids of untrusted text (tool output): the strings of Qwen's special tokens and of <tool_call> /
+    </tool_call> are encoded as the plain text they are, never as those tokens; everything else as usual (a word
+    the vocabulary has as one added token stays that token)."""
+    ids = []
+    for k, part in enumerate(guarded_tokens(tok).split(text)):
+        if k % 2:   # a special token's string: its plain byte-level BPE pieces
+            backend = tok.backend_tokenizer
+            ids += [t.id for piece, _ in backend.pre_tokenizer.pre_tokenize_str(part)
+                    for t in backend.model.tokenize(piece)]
+        elif part:
+            ids += tok.encode(part, add_special_tokens=False)
+    return ids
 
 
+@functools.lru_cache(maxsize=8)
+def guarded_tokens(tok):
+    """A regex that splits text at the strings of the tokenizer's special tokens (and <tool_call> / </tool_call>)."""
+    strings = sorted((t for t in QWEN_ADDED if t in tok.get_vocab()), key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, strings)) + ")")
+
+
+# ----------------------------------------------------------------------------------------------------- images
+def load_image(src, check_only=False):
+    """An RGB image from a path or bytes, decoded in full (a truncated file fails here, at load, not mid-run);
+    check_only: open and verify only (fast), return None. Anything unreadable raises ValueError with the reason:
+    a missing or corrupt file, a non-image, a decompression bomb (a 20000 x 20000 PNG), a path that is not a str."""
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+            if check_only:
+                img.verify()
+                return None
+            return img.convert("RGB")
+    except (OSError, ValueError, TypeError, AttributeError, SyntaxError, Image.DecompressionBombError) as e:
+        what = src if isinstance(src, str) else f"({type(src).__name__})"
+        raise ValueError(f"unreadable image {what}: {type(e).__name__}: {str(e)[:120]}") from e
+
+
+def prepare_image(img, min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS):
+    """Squeeze aspect ratios > 200, upscale sides < 32 px, then smart-resize to multiples of 28 (as the original)."""
+    img = img.convert("RGB")
+    w, h = img.size
+    if max(w, h) / min(w, h) > 200:   # squeeze the long side so the ratio drops below 200
+        w, h = (min(w, 199 * h), h) if w > h else (w, min(h, 199 * w))
+    if min(w, h) < 32:                # Qwen-VL fails on tiny sides: upscale the short side to 32
+        s = 32 / min(w, h)
+        w, h = math.ceil(w * s), math.ceil(h * s)
+    hb, wb = max(FACTOR, round(h / FACTOR) * FACTOR), max(FACTOR, round(w / FACTOR) * FACTOR)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb = max(FACTOR, math.floor(h / beta / FACTOR) * FACTOR)
+        wb = max(FACTOR, math.floor(w / beta / FACTOR) * FACTOR)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / FACTOR) * FACTOR, math.ceil(w * beta / FACTOR) * FACTOR
+    return img if (wb, hb) == img.size else img.resize((wb, hb), Image.BICUBIC)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints, run folders
+def save_checkpoint(out, model, processor, optimizer, step, scheduler=None):
+    """Weights (safetensors, hub layout) + optimizer, scheduler, step and RNG state, written to a temp folder and
+    renamed into place; `trainer.json` is written last, so a folder holding it is complete. A crash at any point
+    leaves a complete checkpoint that open_run finds (the old one, or the new one not yet renamed)."""
+    import shutil
+    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    processor.tokenizer.save_pretrained(tmp)
+    torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None,
+                    step=step, rng=torch.get_rng_state()), os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        json.dump({"step": step}, f)
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_step(path):
+    """The step of a complete checkpoint folder, or None (incomplete, or not a checkpoint)."""
+    try:
+        with open(os.path.join(path, "trainer.json")) as f:
+            step = json.load(f)["step"]
+        return step if os.path.exists(os.path.join(path, "config.json")) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def open_run(out, resume, overwrite=False):
+    """Make the run folder safe to train into, before anything loads. -> the checkpoint to resume from, or None.
+    - Recovers from a crash inside save_checkpoint: the newest complete one of checkpoint / checkpoint.old /
+      checkpoint.tmp* becomes `checkpoint`; the others are removed.
+    - Without --resume, refuses a folder that holds a checkpoint or metrics (--overwrite clears it): a finished run
+      is never replaced by accident.
+    - With --resume, drops the metrics lines of steps after the checkpoint (they are trained again)."""
+    import glob
+    import shutil
+    final = os.path.join(out, "checkpoint")
+    found = [p for p in [final, final + ".old"] + glob.glob(final + ".tmp*") if os.path.isdir(p)]
+    complete = sorted((step, p) for p, step in ((p, checkpoint_step(p)) for p in found) if step is not None)
+    if complete and complete[-1][1] != final:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(complete[-1][1], final)
+        print(f"{out}: recovered the checkpoint of step {complete[-1][0]} left by an interrupted save", file=sys.stderr)
+    for p in found:
+        if p != final and os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not resume:
+        if os.path.isdir(final) or os.path.exists(metrics):
+            if not overwrite:
+                sys.exit(f"error: {out} already holds a run: pass --resume to continue it, --overwrite to start "
+                         "over, or another --out")
+            shutil.rmtree(final, ignore_errors=True)
+            if os.path.exists(metrics):
+                os.remove(metrics)
+        return None
+    if not os.path.isdir(final):   # nothing to resume yet: a fresh start (metrics of unsaved steps go)
+        if os.path.exists(metrics):
+            os.remove(metrics)
+        return None
+    step = checkpoint_step(final)
+    if step is None:
+        sys.exit(f"error: {final} is incomplete (no trainer.json or config.json): remove it, or --overwrite")
+    if os.path.exists(metrics):   # keep the lines of the steps the checkpoint holds; later ones are trained again
+        with open(metrics) as f:
+            kept = [line for line in f if line.endswith("\n") and (_step_of(line) or step + 1) <= step]
+        with open(metrics, "w") as f:
+            f.writelines(kept)
+    return final
+
+
+def _step_of(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def load_checkpoint(path, optimizer, scheduler=None):
+    """Restore the trainer state save_checkpoint wrote in `path` (the weights load with load_model(path), which maps
+    the hub key layout); returns the step to continue from."""
+    trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    if scheduler is not None and trainer["scheduler"]:
+        scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"])
+    return trainer["step"]
+
+
+# ----------------------------------------------------------------------------------------------------- training helpers
 def apply_preset(ap, args, argv, preset):
     """A preset's values (--tiny) for the flags the user did not give: a flag given explicitly wins, even when its
     value equals the default (`--tiny --lr 1e-5` trains at 1e-5)."""
@@ -343,120 +461,35 @@ def measure_step(step, opt, device, tokens):
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None)
 
 
-# ----------------------------------------------------------------------------------------------------- loading
-def load_model(name_or_path=DEFAULT_MODEL, device=None, dtype=None):
-    """(model, processor) from a hub name or a local folder; bf16 + sdpa on CUDA, float32 on CPU."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    if os.path.isdir(name_or_path) and not os.path.exists(os.path.join(name_or_path, "config.json")):
-        sys.exit(f"error: {os.path.abspath(name_or_path)} is a folder without config.json: not a model (a hub name "
-                 "or a folder written by save_pretrained / `python model.py --tiny DIR`)")
-    try:
-        processor = Processor.from_pretrained(name_or_path)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype,
-                                                                   attn_implementation="sdpa")
-    except OSError as e:
-        where = os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
-        sys.exit(f"error: cannot load model '{where}' ({str(e).splitlines()[0][:160]}). Download it on a machine "
-                 f"with hub access (`hf download {name_or_path} --local-dir DIR`), copy DIR here and pass "
-                 f"--model DIR; or build the CPU model with `python model.py --tiny DIR`.")
-    model.config.use_cache = True
-    return model.to(device).eval(), processor
+# ----------------------------------------------------------------------------------------------------- data files
+def jsonl_lines(path):
+    """(line number, text) of each non-empty line of a JSONL file (decoded by `kept_rows`)."""
+    with open(path, encoding="utf-8") as f:
+        return [(n, line) for n, line in enumerate(f, 1) if line.strip()]
 
 
-def save_checkpoint(out, model, processor, optimizer, step, scheduler=None):
-    """Weights (safetensors, hub layout) + optimizer, scheduler, step and RNG state, written to a temp folder and
-    renamed into place; `trainer.json` is written last, so a folder holding it is complete. A crash at any point
-    leaves a complete checkpoint that open_run finds (the old one, or the new one not yet renamed)."""
-    import shutil
-    final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    processor.tokenizer.save_pretrained(tmp)
-    torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None,
-                    step=step, rng=torch.get_rng_state()), os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "trainer.json"), "w") as f:
-        json.dump({"step": step}, f)
-    old = final + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+def kept_rows(rows, parse, path, what):
+    """[parse(row, n)] over (n, row) pairs, a str row being a JSONL line decoded here. A row that is not JSON or that
+    `parse` rejects (a missing or mistyped field, an unreadable image) is reported with its line number, skipped and
+    counted: one bad row never stops a run. SFT conversations, RL prompts and benchmark items are all read so."""
+    out, bad = [], 0
+    for n, row in rows:
+        try:
+            out.append(parse(json.loads(row) if isinstance(row, str) else row, n))
+        except (ValueError, KeyError, TypeError, AttributeError, SyntaxError) as e:
+            why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            print(f"{path}:{n}: skipped ({why[:200]})", file=sys.stderr)
+            bad += 1
+    if bad:
+        print(f"{path}: {bad} bad rows skipped, {len(out)} {what} kept", file=sys.stderr)
+    return out
 
 
-def checkpoint_step(path):
-    """The step of a complete checkpoint folder, or None (incomplete, or not a checkpoint)."""
-    try:
-        with open(os.path.join(path, "trainer.json")) as f:
-            step = json.load(f)["step"]
-        return step if os.path.exists(os.path.join(path, "config.json")) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def open_run(out, resume, overwrite=False):
-    """Make the run folder safe to train into, before anything loads. -> the checkpoint to resume from, or None.
-    - Recovers from a crash inside save_checkpoint: the newest complete one of checkpoint / checkpoint.old /
-      checkpoint.tmp* becomes `checkpoint`; the others are removed.
-    - Without --resume, refuses a folder that holds a checkpoint or metrics (--overwrite clears it): a finished run
-      is never replaced by accident.
-    - With --resume, drops the metrics lines of steps after the checkpoint (they are trained again)."""
-    import glob
-    import shutil
-    final = os.path.join(out, "checkpoint")
-    found = [p for p in [final, final + ".old"] + glob.glob(final + ".tmp*") if os.path.isdir(p)]
-    complete = sorted((step, p) for p, step in ((p, checkpoint_step(p)) for p in found) if step is not None)
-    if complete and complete[-1][1] != final:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(complete[-1][1], final)
-        print(f"{out}: recovered the checkpoint of step {complete[-1][0]} left by an interrupted save", file=sys.stderr)
-    for p in found:
-        if p != final and os.path.isdir(p):
-            shutil.rmtree(p, ignore_errors=True)
-    metrics = os.path.join(out, "metrics.jsonl")
-    if not resume:
-        if os.path.isdir(final) or os.path.exists(metrics):
-            if not overwrite:
-                sys.exit(f"error: {out} already holds a run: pass --resume to continue it, --overwrite to start "
-                         "over, or another --out")
-            shutil.rmtree(final, ignore_errors=True)
-            if os.path.exists(metrics):
-                os.remove(metrics)
-        return None
-    if not os.path.isdir(final):   # nothing to resume yet: a fresh start (metrics of unsaved steps go)
-        if os.path.exists(metrics):
-            os.remove(metrics)
-        return None
-    step = checkpoint_step(final)
-    if step is None:
-        sys.exit(f"error: {final} is incomplete (no trainer.json or config.json): remove it, or --overwrite")
-    if os.path.exists(metrics):   # keep the lines of the steps the checkpoint holds; later ones are trained again
-        with open(metrics) as f:
-            kept = [line for line in f if line.endswith("\n") and (_step_of(line) or step + 1) <= step]
-        with open(metrics, "w") as f:
-            f.writelines(kept)
-    return final
-
-
-def _step_of(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def load_checkpoint(path, optimizer, scheduler=None):
-    """Restore the trainer state save_checkpoint wrote in `path` (the weights load with load_model(path), which maps
-    the hub key layout); returns the step to continue from."""
-    trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
-    if scheduler is not None and trainer["scheduler"]:
-        scheduler.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["rng"])
-    return trainer["step"]
+def progress(done, total, note="", file=None):
+    """A one-line progress bar, redrawn in place: [#####.....] done/total note."""
+    filled = 30 * done // max(total, 1)
+    print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {note}", end="", flush=True,
+          file=file or sys.stdout)
 
 
 def _train_tokenizer(vocab_size, corpus, words=()):

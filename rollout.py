@@ -10,10 +10,13 @@ encoding of the whole text at once: with the real vocabulary the prefilled `<thi
 follows (`>\n`, `><`). sft.py encodes its conversations by the same segments (test_all.py checks both).
 
 Deliberate choices:
-- Plain PyTorch over the model's forward; M-RoPE positions computed here and passed explicitly.
-- Each trajectory keeps its own KV cache across turns (an observation costs only its own prefill); the batch stacks
-  the caches left-padded for decoding and splits them back when a turn ends. `use_cache=False` re-prefills
-  instead (the bench measures both; the cache is faster and is the default).
+- Prefill is the model's own forward (images, M-RoPE positions computed here and passed explicitly); a GRPO
+  group's prompt and image are prefilled once and shared by its samples.
+- Decode is a step written against the model's weights over preallocated KV slots (`StaticKV`), replayed as a CUDA
+  graph on a GPU: the HF forward costs more Python per step than the 7B's GPU work (the README has both measured).
+  Its log-probs equal the training forward's (a test pins it; the bench prints the largest difference).
+- Each trajectory keeps its own KV cache across turns (an observation costs only its own prefill). `use_cache=False`
+  re-prefills instead (the bench measures both; the cache is faster and is the default).
 - Rounds are synchronous: a trajectory whose turn ended early waits for the round's longest turn, and its tool
   runs concurrently with everyone else's. Simpler than continuous batching, at some decode efficiency.
 - The policy may never emit `<|endoftext|>`, `<|im_start|>` or vision tokens (banned at sampling, as the original).
@@ -23,7 +26,8 @@ Deliberate choices:
 
 Commands:
   python rollout.py --bench                  # tok/s: batched rollout vs model.generate one at a time; cache vs not
-  python rollout.py --bench --preset 7b      # the same on the real 7B architecture (random weights, GPU)
+  python rollout.py --bench --preset 7b --skip-generate   # the real 7B architecture (random weights, GPU), 64 and
+                                                          # 256 trajectories, and groups of 16
 """
 import argparse
 import functools
@@ -39,7 +43,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
-from transformers.cache_utils import DynamicLayer
 
 import tools
 from model import IMAGE_PLACEHOLDER, RL_MAX_PIXELS, Seq, encode, encode_plain, prepare_image, rope_positions
@@ -111,26 +114,116 @@ class Prompt:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
 
-def load_prompt(name_or_path="agent"):
-    """The original's prompt set `agent`, `code` or `direct` (data/prompts/, byte for byte), or a system prompt
-    file of your own: its user template is the file beside it named with user_prompt for system_prompt, if any."""
-    system = os.path.join(PROMPTS, f"{name_or_path}_system_prompt.txt") if name_or_path in PROMPT_SETS \
-        else name_or_path
-    user = system.replace("system_prompt", "user_prompt") if "system_prompt" in os.path.basename(system) else None
-    read = lambda path: open(path, encoding="utf-8").read()
-    if not os.path.exists(system):
-        raise FileNotFoundError(f"prompt {name_or_path!r}: neither one of {', '.join(PROMPT_SETS)} nor a file")
-    return Prompt(read(system), read(user) if user and os.path.exists(user) else "{question}")
+@dataclass
+class Settings:
+    """How a rollout runs. The defaults are the paper's RL limits; a misspelled setting is a TypeError, not ignored."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_turns: int = 9                  # model turns per trajectory
+    max_turn_tokens: int = 8192         # new tokens per model turn
+    max_response_tokens: int = 16384    # everything after the prompt, observations included
+    max_prompt_tokens: int = 8192
+    max_images: int = 50                # per trajectory, inputs included
+    max_pixels: int = None              # image pixel cap (None: model.RL_MAX_PIXELS)
+    prompt: Prompt = None               # None: the original's agent prompt set
+    tools_on: bool = True               # False: every tool call is refused (eval --no-tools)
+    search_url: str = None              # None: $DEEPEYES_SEARCH_URL or the local server
+    image_search_cache: object = None   # a tools.ImageSearchCache: image search answers from it, as the original
+    sandbox_timeout: int = 20           # seconds per code call
+    sandbox_sees: str = "original"      # image_i: "original" (RL) or "model" (eval: the resized image the model sees)
+    on_infra_error: str = "observe"     # "observe": an error observation, the episode goes on; "end": it ends
+    keep_images: bool = False           # keep tool-output images on the trajectory (eval writes them out)
+    use_cache: bool = True              # keep each trajectory's KV cache across turns (False: re-prefill)
+    share_prefill: bool = True          # prefill a group's prompt once
 
 
-def start(processor, sample, prompt, max_pixels=None):
-    text = processor.apply_chat_template(prompt.messages(sample), tokenize=False, add_generation_prompt=True)
-    kw = {"max_pixels": max_pixels} if max_pixels else {}
-    seq = encode(processor, text, sample.images, **kw)
-    return Trajectory(sample, seq, len(seq.ids), [0] * len(seq.ids), [0.0] * len(seq.ids))
+# ------------------------------------------------------------------------------------------- the loop
+@torch.no_grad()
+def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrides):
+    """Run n trajectories per sample to the end. `script(traj, turn) -> text or ids` forces a scripted policy;
+    `on_done(traj)` is called the moment a trajectory ends (eval writes it out then)."""
+    cfg = Settings(**overrides)
+    tok = processor.tokenizer
+    prompt = cfg.prompt or load_prompt("agent")
+    trajs = []
+    for s in samples:   # the image is processed once a prompt; each of its n trajectories gets its own lists
+        one = start(processor, s, prompt, cfg.max_pixels)
+        trajs += [one] + [Trajectory(s, Seq(list(one.seq.ids), list(one.seq.mm), list(one.seq.pixels),
+                                            list(one.seq.grids)), one.prompt_len, list(one.action_mask),
+                                     list(one.logprobs)) for _ in range(n - 1)]
+    boxes = {}
+
+    def sandbox_of(t):   # one sandbox per trajectory, started on its first code call
+        if id(t) not in boxes:
+            images = t.sample.images
+            if cfg.sandbox_sees == "model":   # eval, as the original: image_i is the resized image the model sees
+                images = [prepare_image(im, max_pixels=cfg.max_pixels or RL_MAX_PIXELS) for im in images]
+            boxes[id(t)] = tools.Sandbox(images, timeout=cfg.sandbox_timeout)
+        return boxes[id(t)]
+
+    for t in trajs:
+        if t.prompt_len > cfg.max_prompt_tokens:
+            t.finish = "prompt_too_long"
+    ended = set()
+
+    def report_ended():   # each trajectory that has ended since the last call: decoded, then handed to on_done
+        for t in trajs:
+            if t.finish and id(t) not in ended:
+                ended.add(id(t))
+                t.cache, t.forced = None, []
+                t.response = tok.decode(t.seq.ids[t.prompt_len:])
+                if on_done is not None:
+                    on_done(t)
+
+    kv = StaticKV(model)   # the decode batch's KV cache, kept across turns
+    pool = ThreadPoolExecutor(max_workers=min(32, max(1, len(trajs))))
+    try:
+        report_ended()
+        while active := [t for t in trajs if not t.finish]:
+            for t in active:
+                t.turn_ids = []
+                if script is not None:   # a scripted turn: text, or token ids (to force a particular split)
+                    turn = script(t, t.turns)
+                    t.forced = list(turn) if isinstance(turn, list) else tok.encode(turn, add_special_tokens=False)
+                if not cfg.use_cache:
+                    t.cache, t.cached, t.cached_images = None, 0, 0
+            with timer("observation prefill" if any(t.turns for t in active) else "prompt prefill"):
+                first = prefill(model, active, share=cfg.share_prefill)
+            with timer("decode"):
+                decode_turns(kv, tok, active, first, cfg)
+            jobs = {}
+            for t in active:
+                t.turns += 1
+                text = tok.decode(t.turn_ids)
+                action = tools.parse_action(text)
+                if len(t.turn_ids) >= cfg.max_turn_tokens and action.kind != "answer":
+                    t.finish = "turn_tokens"
+                elif len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens:
+                    t.finish = "budget"
+                elif action.kind in ("answer", "none"):
+                    t.finish = "answer" if action.kind == "answer" else "no_action"
+                elif t.turns >= cfg.max_turns:
+                    t.finish = "max_turns"
+                else:
+                    jobs[id(t)] = pool.submit(run_tool, t, action, lambda t=t: sandbox_of(t), cfg)
+            for t in active:
+                if id(t) not in jobs:
+                    continue
+                with timer("tools"):
+                    text, images = jobs[id(t)].result()
+                if t.infra_errors and cfg.on_infra_error == "end":
+                    t.finish = "infra_error"
+                else:
+                    append_observation(processor, t, text, images, cfg)
+            report_ended()
+    finally:
+        pool.shutdown()
+        for box in boxes.values():
+            box.close()
+    return trajs
 
 
-# ------------------------------------------------------------------------------------------- one forward
+# ------------------------------------------------------------------------------------------- one round, step by step
 def prefill(model, trajs, max_batch_tokens=16384, share=True):
     """Prefill the tokens not yet in each trajectory's cache, several trajectories per forward; -> last logits.
 
@@ -173,9 +266,11 @@ def prefill(model, trajs, max_batch_tokens=16384, share=True):
         mask = torch.cat([mask.to(dev), new.to(dev)], 1)
         out = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask, **{CACHE_KW: cache},
                     use_cache=True, logits_to_keep=1, **kw)
+        L = mask.shape[1] - P
         for b, (i, t) in enumerate(zip(group, ts)):
-            keep = mask[b].bool()
-            t.cache = [(layer.keys[b:b + 1, :, keep], layer.values[b:b + 1, :, keep]) for layer in cache.layers]
+            c, n = t.cached, len(t.seq.ids) - t.cached   # its old cache and its new tokens: two slices, no host sync
+            part = lambda x: torch.cat([x[b:b + 1, :, L - c:L], x[b:b + 1, :, L + P - n:]], 2)
+            t.cache = [(part(layer.keys), part(layer.values)) for layer in cache.layers]
             t.cached, t.cached_images = len(t.seq.ids), len(t.seq.pixels)
             t.next_pos = pos[:, b, -1].max().item() + 1
             logits[i] = out.logits[b, -1]
@@ -186,47 +281,44 @@ def prefill(model, trajs, max_batch_tokens=16384, share=True):
     return torch.stack(logits)
 
 
-class GrowingLayer(DynamicLayer):
-    """A KV-cache layer with spare room: a decoded token is written in place, not concatenated onto a copy of
-    the whole cache (DynamicLayer's torch.cat made decoding O(length) per token; this made the CPU bench 2x faster)."""
-
-    def __init__(self, keys, values, spare=256):
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self.buf = [F.pad(keys, (0, 0, 0, spare)), F.pad(values, (0, 0, 0, spare))]
-        self.n = keys.shape[2]
-        self._view()
-
-    def _view(self):
-        self.keys, self.values = self.buf[0][:, :, :self.n], self.buf[1][:, :, :self.n]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        new = self.n + key_states.shape[2]
-        if new > self.buf[0].shape[2]:   # out of room: double it (amortised O(1) per token)
-            self.buf = [F.pad(b, (0, 0, 0, b.shape[2])) for b in self.buf]
-        self.buf[0][:, :, self.n:new] = key_states
-        self.buf[1][:, :, self.n:new] = value_states
-        self.n = new
-        self._view()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices):
-        self.buf = [b[indices] for b in self.buf]
-        self._view()
-
-
-def stack_caches(trajs):
-    """Left-pad every trajectory's cache to the longest and stack them: one batch cache, plus the pad mask."""
-    L = max(t.cached for t in trajs)
-    layers = []
-    for layer in range(len(trajs[0].cache)):
-        ks = torch.cat([F.pad(t.cache[layer][0], (0, 0, L - t.cached, 0)) for t in trajs])
-        vs = torch.cat([F.pad(t.cache[layer][1], (0, 0, L - t.cached, 0)) for t in trajs])
-        layers.append(GrowingLayer(ks, vs))
-    mask = torch.tensor([[0] * (L - t.cached) + [1] * t.cached for t in trajs], device=ks.device)
-    cache = DynamicCache()
-    cache.layers = layers
-    return cache, mask
+def decode_turns(kv, tok, trajs, first_logits, cfg):
+    """Decode one turn for every trajectory in one batch; rows leave the batch when their turn ends."""
+    dev = first_logits.device
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    # ids past the tokenizer (the 7B's output layer has 152,064 rows for 151,665 tokens) decode to '': never sampled
+    banned = torch.tensor([tok.convert_tokens_to_ids(t) for t in BANNED] +
+                          list(range(len(tok), first_logits.shape[-1])), device=dev)
+    closes = closing_tokens(tok)
+    kv.load(trajs)
+    rows = list(range(len(trajs)))                  # row r of the batch is trajs[rows[r]]
+    logits = first_logits
+    while rows:
+        forced = [trajs[i].forced.pop(0) if trajs[i].forced else -1 for i in rows]   # scripted policies
+        token, logp = sample_token(logits, cfg.temperature, cfg.top_p, banned,
+                                   torch.tensor(forced, device=dev) if max(forced) >= 0 else None)
+        token, logp = token.tolist(), logp.tolist()      # the one host sync per step
+        keep = []
+        for r, i in enumerate(rows):
+            t = trajs[i]
+            t.seq.ids.append(token[r]); t.seq.mm.append(0)
+            t.action_mask.append(1); t.logprobs.append(logp[r]); t.turn_ids.append(token[r])
+            stop = token[r] in closes and any(s in tok.decode(t.turn_ids[-STOP_WINDOW:]) for s in STOP_STRINGS)
+            over = len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens
+            if token[r] == eos or stop or over or len(t.turn_ids) >= cfg.max_turn_tokens:
+                t.cache = kv.row_cache(r, t.cached)   # its last sampled token is not in it yet: pending
+            else:
+                keep.append(r)
+        if len(keep) < len(rows):
+            kv.keep(keep)
+            token = [token[r] for r in keep]
+            rows = [rows[r] for r in keep]
+        if not rows:
+            break
+        logits = kv.step(torch.tensor(token, device=dev))
+        COUNTS["steps"] += 1
+        COUNTS["kv_tokens"] += sum(trajs[i].cached + 1 for i in rows)
+        for i in rows:
+            trajs[i].cached += 1
 
 
 def sample_token(logits, temperature, top_p, banned, forced=None):
@@ -250,58 +342,11 @@ def sample_token(logits, temperature, top_p, banned, forced=None):
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-# ------------------------------------------------------------------------------------------- one round
 @functools.lru_cache(maxsize=4)
 def closing_tokens(tok):
     """Ids of tokens containing ">": only they can complete a stop string, so only they make us decode the tail
     (decoding every row's tail at every step cost more host time than the 7B's decode step itself)."""
     return frozenset(i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if ">" in t)
-
-
-def decode_turns(model, tok, trajs, first_logits, cfg):
-    """Decode one turn for every trajectory in one batch; rows leave the batch when their turn ends."""
-    dev = first_logits.device
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    # ids past the tokenizer (the 7B's output layer has 152,064 rows for 151,665 tokens) decode to '': never sampled
-    banned = [tok.convert_tokens_to_ids(t) for t in BANNED] + list(range(len(tok), first_logits.shape[-1]))
-    closes = closing_tokens(tok)
-    cache, mask = stack_caches(trajs)
-    rows = list(range(len(trajs)))                  # row r of the batch is trajs[rows[r]]
-    pos = torch.tensor([t.next_pos for t in trajs], device=dev)
-    logits = first_logits
-    while rows:
-        forced = [trajs[i].forced.pop(0) if trajs[i].forced else -1 for i in rows]   # scripted policies
-        token, logp = sample_token(logits, cfg.temperature, cfg.top_p, banned,
-                                   torch.tensor(forced, device=dev) if max(forced) >= 0 else None)
-        token, logp = token.tolist(), logp.tolist()      # the one host sync per step
-        keep = []
-        for r, i in enumerate(rows):
-            t = trajs[i]
-            t.seq.ids.append(token[r]); t.seq.mm.append(0)
-            t.action_mask.append(1); t.logprobs.append(logp[r]); t.turn_ids.append(token[r])
-            stop = token[r] in closes and any(s in tok.decode(t.turn_ids[-STOP_WINDOW:]) for s in STOP_STRINGS)
-            over = len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens
-            if token[r] == eos or stop or over or \
-                    len(t.turn_ids) >= cfg.max_turn_tokens:
-                # this row's cache, padding stripped (its last sampled token is not in it yet: pending)
-                t.cache = [(l.keys[r:r + 1, :, -t.cached:], l.values[r:r + 1, :, -t.cached:]) for l in cache.layers]
-            else:
-                keep.append(r)
-        if len(keep) < len(rows):
-            idx = torch.tensor(keep, device=dev, dtype=torch.long)
-            cache.batch_select_indices(idx)
-            mask, pos = mask[idx], pos[idx]
-            token = [token[r] for r in keep]
-            rows = [rows[r] for r in keep]
-        if not rows:
-            break
-        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], 1)
-        out = model(input_ids=torch.tensor(token, device=dev)[:, None], attention_mask=mask, **{CACHE_KW: cache},
-                    position_ids=pos.view(1, -1, 1).expand(3, -1, -1), use_cache=True, logits_to_keep=1)
-        for r, i in enumerate(rows):
-            trajs[i].cached += 1
-        pos = pos + 1
-        logits = out.logits[:, -1]
 
 
 def run_tool(traj, action, sandbox, cfg):
@@ -364,7 +409,161 @@ def observation_tokens(processor, text, images, max_pixels=None):
     return seq
 
 
+# ------------------------------------------------------------------------------------------- the decode batch's KV
+class StaticKV:
+    """The fast decode: one new token per row, written against the model's weights over preallocated KV buffers
+    (a slot per row, [slots, kv_heads, capacity, head_dim] per layer), so that on a GPU the whole step is one
+    replayed CUDA graph. HF's forward costs ~30 ms of Python per 7B decode step whatever the batch, more than the
+    GPU's own ~10 ms (issue 17's profile); a graph replay costs ~0.
+
+    Static shapes: graphs are captured per batch bucket (a power of two of slots); a row that ends keeps its slot
+    (computed, ignored) until the live rows fit half the bucket, then the live slots move to the front. Capacity
+    grows by 1.5x when a row reaches it (the graphs are captured again). A graph's attention reads the whole
+    capacity, masked (at most a third wasted, and no kernel of its own); eager (CPU) reads up to the longest row.
+    Decoding text, M-RoPE's three positions are equal, which is plain RoPE at that position
+    (test_static_decode_equals_the_models_forward pins all of it)."""
+
+    def __init__(self, model):
+        lm = model.model.language_model
+        self.model, self.lm, self.att = model, lm, lm.layers[0].self_attn
+        self.graphs = torch.cuda.is_available() and next(model.parameters()).is_cuda
+        self.slots, self.cap, self.kv, self.tok = 0, 0, None, None
+
+    def load(self, trajs):
+        """Each turn: the rows' caches into slots [0, n). The buffers (and so the graphs) live across turns."""
+        n = len(trajs)
+        self.top = max(t.cached for t in trajs)          # >= every slot's length (host copy: no sync to read it)
+        if self.bucket(n) > self.slots or self.top + 1 >= self.cap:
+            self.slots = max(self.slots, self.bucket(n))
+            self.kv = None   # not copied: every live row is loaded below
+            self.allocate(self.top + 1)
+        # the graphs read these very tensors: written in place, never replaced
+        self.pos.copy_(torch.tensor([t.next_pos for t in trajs] + [0] * (self.slots - n)))
+        self.len.copy_(torch.tensor([t.cached for t in trajs] + [0] * (self.slots - n)))
+        self.live = list(range(n))                       # the slot of each live row
+        for s, t in enumerate(trajs):
+            for (k, v), (K, V) in zip(t.cache, self.kv):
+                K[s, :, :t.cached], V[s, :, :t.cached] = k[0], v[0]
+
+    def bucket(self, n):   # eager (CPU) runs exactly the live rows; graphs want few distinct shapes
+        return 1 << (n - 1).bit_length() if self.graphs else n
+
+    def allocate(self, need):
+        a, p = self.att, next(self.model.parameters())
+        self.cap = max(256, -(-int(need * 1.5) // 256) * 256)
+        old = self.kv
+        shape = (self.slots, a.config.num_key_value_heads, self.cap, a.head_dim)
+        self.kv = [(p.new_zeros(shape), p.new_zeros(shape)) for _ in self.lm.layers]
+        if self.tok is None or len(self.tok) != self.slots:
+            self.tok, self.pos, self.len = (torch.zeros(self.slots, dtype=torch.long, device=p.device) for _ in "tpl")
+        if old:
+            for (K, V), (k, v) in zip(self.kv, old):
+                K[:, :, :k.shape[2]], V[:, :, :v.shape[2]] = k, v
+        self.captured = {}
+
+    def forward(self, b):
+        """The decode step for slots [0, b): token tok at position pos, its K/V written at index len."""
+        x = self.lm.embed_tokens(self.tok[:b])
+        rope = self.lm.rotary_emb
+        freqs = self.pos[:b, None].float() * rope.inv_freq.float()
+        emb = torch.cat([freqs, freqs], -1)[:, None, None, :]
+        cos, sin = (emb.cos() * rope.attention_scaling).to(x.dtype), (emb.sin() * rope.attention_scaling).to(x.dtype)
+        rot = lambda t: t * cos + torch.cat([-t[..., t.shape[-1] // 2:], t[..., :t.shape[-1] // 2]], -1) * sin
+        at = self.len[:b]
+        span = self.cap if self.graphs else self.top + 1   # a graph's shapes are fixed; eager reads only what is used
+        mask = (torch.arange(span, device=x.device) <= at[:, None])[:, None, None, :]   # its past and itself
+        kvh, hd = self.kv[0][0].shape[1], self.att.head_dim
+        where = at.view(b, 1, 1, 1).expand(b, kvh, 1, hd)
+        for layer, (K, V) in zip(self.lm.layers, self.kv):
+            a, h = layer.self_attn, layer.input_layernorm(x)
+            # a query head's group shares one K/V head: [b, kv_heads, group, hd] against [b, kv_heads, cap, hd]
+            q = rot(a.q_proj(h).view(b, kvh, -1, hd))
+            K[:b].scatter_(2, where, rot(a.k_proj(h).view(b, kvh, 1, hd)))
+            V[:b].scatter_(2, where, a.v_proj(h).view(b, kvh, 1, hd))
+            o = F.scaled_dot_product_attention(q, K[:b, :, :span], V[:b, :, :span], attn_mask=mask, scale=a.scaling)
+            x = x + a.o_proj(o.reshape(b, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(self.lm.norm(x))
+
+    def run(self, b):
+        if not self.graphs:
+            return self.forward(b)
+        if b not in self.captured:   # warm up on a side stream, then capture (writes only the slots' next K/V)
+            with timer("graph capture"):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.forward(b)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = self.forward(b)
+                self.captured[b] = (graph, out)
+        graph, out = self.captured[b]
+        graph.replay()
+        return out
+
+    def step(self, token):
+        if self.top + 1 >= self.cap:
+            self.allocate(self.top + 1)
+        live = torch.tensor(self.live, device=token.device)
+        self.tok[live] = token
+        b = self.bucket(max(self.live) + 1)
+        logits = self.run(b)[live]
+        self.len[:b] += 1
+        self.pos[:b] += 1
+        self.top += 1
+        return logits
+
+    def keep(self, rows):
+        self.live = [self.live[r] for r in rows]
+        if rows and self.bucket(len(rows)) < self.bucket(max(self.live) + 1):   # compact: live slots to the front
+            idx = torch.tensor(self.live, device=self.tok.device)
+            for K, V in self.kv:
+                K[:len(rows)], V[:len(rows)] = K[idx], V[idx]
+            self.len[:len(rows)], self.pos[:len(rows)] = self.len[idx], self.pos[idx]
+            self.live = list(range(len(rows)))
+        dead = sorted(set(range(self.slots)) - set(self.live))
+        self.len[dead] = 0   # a dead slot writes from 0 on: it never outgrows `top`, the longest row's bound
+
+    def row_cache(self, r, n):   # a copy: the slot's buffer is written again
+        s = self.live[r]
+        return [(K[s:s + 1, :, :n].clone(), V[s:s + 1, :, :n].clone()) for K, V in self.kv]
+
+
+def stack_caches(trajs):
+    """Left-pad every trajectory's cache to the longest and stack them: one batch cache, plus the pad mask."""
+    L = max(t.cached for t in trajs)
+    pad = lambda x, t: F.pad(x, (0, 0, L - t.cached, 0))
+    cache = DynamicCache([(torch.cat([pad(t.cache[i][0], t) for t in trajs]), torch.cat([pad(t.cache[i][1], t)
+                                                                                          for t in trajs]))
+                          for i in range(len(trajs[0].cache))])
+    mask = torch.tensor([[0] * (L - t.cached) + [1] * t.cached for t in trajs], device=cache.layers[0].keys.device)
+    return cache, mask
+
+
+# ------------------------------------------------------------------------------------------- prompts
+def load_prompt(name_or_path="agent"):
+    """The original's prompt set `agent`, `code` or `direct` (data/prompts/, byte for byte), or a system prompt
+    file of your own: its user template is the file beside it named with user_prompt for system_prompt, if any."""
+    system = os.path.join(PROMPTS, f"{name_or_path}_system_prompt.txt") if name_or_path in PROMPT_SETS \
+        else name_or_path
+    user = system.replace("system_prompt", "user_prompt") if "system_prompt" in os.path.basename(system) else None
+    read = lambda path: open(path, encoding="utf-8").read()
+    if not os.path.exists(system):
+        raise FileNotFoundError(f"prompt {name_or_path!r}: neither one of {', '.join(PROMPT_SETS)} nor a file")
+    return Prompt(read(system), read(user) if user and os.path.exists(user) else "{question}")
+
+
+def start(processor, sample, prompt, max_pixels=None):
+    text = processor.apply_chat_template(prompt.messages(sample), tokenize=False, add_generation_prompt=True)
+    kw = {"max_pixels": max_pixels} if max_pixels else {}
+    seq = encode(processor, text, sample.images, **kw)
+    return Trajectory(sample, seq, len(seq.ids), [0] * len(seq.ids), [0.0] * len(seq.ids))
+
+
 PHASES = Counter()   # seconds spent per phase of the rollout, for the bench
+COUNTS = Counter()   # decode steps, and the cached tokens their attention read
 
 
 @contextmanager
@@ -378,113 +577,6 @@ def timer(phase):
     PHASES[phase] += time.perf_counter() - t0
 
 
-@dataclass
-class Settings:
-    """How a rollout runs. The defaults are the paper's RL limits; a misspelled setting is a TypeError, not ignored."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_turns: int = 9                  # model turns per trajectory
-    max_turn_tokens: int = 8192         # new tokens per model turn
-    max_response_tokens: int = 16384    # everything after the prompt, observations included
-    max_prompt_tokens: int = 8192
-    max_images: int = 50                # per trajectory, inputs included
-    max_pixels: int = None              # image pixel cap (None: model.RL_MAX_PIXELS)
-    prompt: Prompt = None               # None: the original's agent prompt set
-    tools_on: bool = True               # False: every tool call is refused (eval --no-tools)
-    search_url: str = None              # None: $DEEPEYES_SEARCH_URL or the local server
-    image_search_cache: object = None   # a tools.ImageSearchCache: image search answers from it, as the original
-    sandbox_timeout: int = 20           # seconds per code call
-    sandbox_sees: str = "original"      # image_i: "original" (RL) or "model" (eval: the resized image the model sees)
-    on_infra_error: str = "observe"     # "observe": an error observation, the episode goes on; "end": it ends
-    keep_images: bool = False           # keep tool-output images on the trajectory (eval writes them out)
-    use_cache: bool = True              # keep each trajectory's KV cache across turns (False: re-prefill)
-    share_prefill: bool = True          # prefill a group's prompt once
-
-
-@torch.no_grad()
-def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrides):
-    """Run n trajectories per sample to the end. `script(traj, turn) -> text or ids` forces a scripted policy;
-    `on_done(traj)` is called the moment a trajectory ends (eval writes it out then)."""
-    cfg = Settings(**overrides)
-    tok = processor.tokenizer
-    prompt = cfg.prompt or load_prompt("agent")
-    trajs = []
-    for s in samples:   # the image is processed once a prompt; each of its n trajectories gets its own lists
-        one = start(processor, s, prompt, cfg.max_pixels)
-        trajs += [one] + [Trajectory(s, Seq(list(one.seq.ids), list(one.seq.mm), list(one.seq.pixels),
-                                            list(one.seq.grids)), one.prompt_len, list(one.action_mask),
-                                     list(one.logprobs)) for _ in range(n - 1)]
-    boxes = {}
-
-    def sandbox_of(t):   # one sandbox per trajectory, started on its first code call
-        if id(t) not in boxes:
-            images = t.sample.images
-            if cfg.sandbox_sees == "model":   # eval, as the original: image_i is the resized image the model sees
-                images = [prepare_image(im, max_pixels=cfg.max_pixels or RL_MAX_PIXELS) for im in images]
-            boxes[id(t)] = tools.Sandbox(images, timeout=cfg.sandbox_timeout)
-        return boxes[id(t)]
-
-    for t in trajs:
-        if t.prompt_len > cfg.max_prompt_tokens:
-            t.finish = "prompt_too_long"
-    ended = set()
-
-    def report_ended():   # each trajectory that has ended since the last call: decoded, then handed to on_done
-        for t in trajs:
-            if t.finish and id(t) not in ended:
-                ended.add(id(t))
-                t.cache, t.forced = None, []
-                t.response = tok.decode(t.seq.ids[t.prompt_len:])
-                if on_done is not None:
-                    on_done(t)
-
-    pool = ThreadPoolExecutor(max_workers=min(32, max(1, len(trajs))))
-    try:
-        report_ended()
-        while active := [t for t in trajs if not t.finish]:
-            for t in active:
-                t.turn_ids = []
-                if script is not None:   # a scripted turn: text, or token ids (to force a particular split)
-                    turn = script(t, t.turns)
-                    t.forced = list(turn) if isinstance(turn, list) else tok.encode(turn, add_special_tokens=False)
-                if not cfg.use_cache:
-                    t.cache, t.cached, t.cached_images = None, 0, 0
-            with timer("prefill"):
-                first = prefill(model, active, share=cfg.share_prefill)
-            with timer("decode"):
-                decode_turns(model, tok, active, first, cfg)
-            jobs = {}
-            for t in active:
-                t.turns += 1
-                text = tok.decode(t.turn_ids)
-                action = tools.parse_action(text)
-                if len(t.turn_ids) >= cfg.max_turn_tokens and action.kind != "answer":
-                    t.finish = "turn_tokens"
-                elif len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens:
-                    t.finish = "budget"
-                elif action.kind in ("answer", "none"):
-                    t.finish = "answer" if action.kind == "answer" else "no_action"
-                elif t.turns >= cfg.max_turns:
-                    t.finish = "max_turns"
-                else:
-                    jobs[id(t)] = pool.submit(run_tool, t, action, lambda t=t: sandbox_of(t), cfg)
-            for t in active:
-                if id(t) not in jobs:
-                    continue
-                with timer("tools"):
-                    text, images = jobs[id(t)].result()
-                if t.infra_errors and cfg.on_infra_error == "end":
-                    t.finish = "infra_error"
-                else:
-                    append_observation(processor, t, text, images, cfg)
-            report_ended()
-    finally:
-        pool.shutdown()
-        for box in boxes.values():
-            box.close()
-    return trajs
-
-
 # ------------------------------------------------------------------------------------------- bench
 SEVEN_B = dict(text_config=dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                                 num_key_value_heads=4, intermediate_size=18944, max_position_embeddings=128000,
@@ -496,14 +588,18 @@ SEVEN_B = dict(text_config=dict(vocab_size=152064, hidden_size=3584, num_hidden_
 
 
 def bench_model(preset, device):
-    """(model, processor): a tiny preset built locally, or the real 7B architecture with random bf16 weights."""
+    """(model, processor): a tiny preset built locally, or the real 7B architecture with random bf16 weights (on the
+    real Qwen vocabulary when qwen-agent's qwen.tiktoken is at hand, so that the prompt has its real length)."""
+    import importlib.util
     import tempfile
-    from model import build_tiny, load_model
-    path = build_tiny(os.path.join(tempfile.gettempdir(), f"deepeyes_bench_{preset if preset != '7b' else 'test'}"),
-                      preset if preset != "7b" else "test")
+    from model import build_tiny, load_model, qwen_tokenizer
+    real = preset == "7b" and importlib.util.find_spec("qwen_agent") is not None
+    name = {"7b": "qwen" if real else "test"}.get(preset, preset)
+    path = build_tiny(os.path.join(tempfile.gettempdir(), f"deepeyes_bench_{name}"),
+                      "test" if preset == "7b" else preset, tokenizer=qwen_tokenizer() if real else None)
     model, processor = load_model(path, device=device)
     if preset == "7b":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        from transformers import Qwen2_5_VLConfig
         cfg = Qwen2_5_VLConfig(**SEVEN_B, image_token_id=model.config.image_token_id,
                                video_token_id=model.config.video_token_id)
         cfg.text_config.eos_token_id = cfg.text_config.pad_token_id = model.config.text_config.eos_token_id
@@ -515,11 +611,24 @@ def bench_model(preset, device):
     return model, processor
 
 
-def bench(preset="mini", n_traj=16, turns=4, turn_tokens=48, device=None, skip_generate=False, group=4):
-    """Same scripted work several ways: our batched rollout with cross-turn caches, with re-prefill, GRPO-like
-    groups (`group` samples a prompt) with the prompt prefilled once or per sample, and `model.generate` one
-    trajectory and one turn at a time (the naive way)."""
+PEAK_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}   # HBM bandwidth, TB/s: the decode step's ceiling
+
+
+def decode_bytes(model):
+    """-> (bytes of weights one decode step reads, bytes of K and V per cached token)."""
+    lm = model.model.language_model
+    weights = sum(p.numel() * p.element_size() for m in (lm.layers, lm.norm, model.lm_head) for p in m.parameters())
+    a = lm.layers[0].self_attn
+    per_token = len(lm.layers) * 2 * a.config.num_key_value_heads * a.head_dim * a.o_proj.weight.element_size()
+    return weights, per_token
+
+
+def bench(preset="mini", sizes=(16,), turns=4, turn_tokens=48, device=None, skip_generate=False, group=4):
+    """Same scripted work several ways: our rollout at each batch size (CUDA graphs on a GPU); at the first size
+    also re-prefill instead of cross-turn caches, GRPO-like groups (`group` samples a prompt) with the prompt
+    prefilled once or per sample, and `model.generate` one trajectory and one turn at a time (the naive way)."""
     from PIL import Image
+    from model import token_logprobs
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = bench_model(preset, device)
     tok = processor.tokenizer
@@ -528,40 +637,61 @@ def bench(preset="mini", n_traj=16, turns=4, turn_tokens=48, device=None, skip_g
     turn = tok.decode(filler[:turn_tokens - len(code)] + code)
     answer = tok.decode(filler[:turn_tokens - 8]) + "<answer>1</answer><|im_end|>"
     script = lambda t, i: turn if i < turns - 1 else answer
-    samples = [Sample([Image.new("RGB", (224, 224), (i, 0, 0))], f"Question {i}?") for i in range(n_traj)]
+    samples = [Sample([Image.new("RGB", (224, 224), (i % 256, i // 256, 0))], f"Question {i}?")
+               for i in range(max(sizes))]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    rows = {}
-    modes = (("batched, cross-turn KV cache", samples, 1, dict(use_cache=True)),
-             ("batched, re-prefill", samples, 1, dict(use_cache=False)),
-             (f"groups of {group}, prompt prefilled once", samples[:n_traj // group], group, dict(share_prefill=True)),
-             (f"groups of {group}, prefilled per sample", samples[:n_traj // group], group, dict(share_prefill=False)))
-    for _, batch, n, kw in modes:   # warm-up at full size: the allocator's first big blocks are not what we measure
-        rollout(model, processor, batch, n=n, script=script, **kw)
-    for name, batch, n, kw in modes:
-        sync(); t0 = time.perf_counter(); PHASES.clear()
-        trajs = rollout(model, processor, batch, n=n, script=script, **kw)
-        sync(); dt = time.perf_counter() - t0
-        gen = sum(sum(t.action_mask) for t in trajs)
-        rows[name] = (gen / dt, dt, PHASES["prefill"])
-        print(f"{name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in PHASES.items()))
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else ""
+    peak = next((v for k, v in PEAK_TBS.items() if k in gpu), None)
+    weights, per_token = decode_bytes(model)
+    rows, first = {}, None
+    for n in sizes:
+        modes = [(f"{n} rows (default)", samples[:n], 1, {})]
+        if n == sizes[0]:
+            modes += [(f"{n} rows, re-prefill each turn", samples[:n], 1, dict(use_cache=False)),
+                      (f"{n // group} x {group}, prompt prefilled once", samples[:n // group], group, {}),
+                      (f"{n // group} x {group}, prefilled per sample", samples[:n // group], group,
+                       dict(share_prefill=False))]
+        for _, batch, k, kw in modes:   # warm-up at full size: the allocator's first big blocks are not measured
+            rollout(model, processor, batch, n=k, script=script, **kw)
+        for name, batch, k, kw in modes:
+            sync(); t0 = time.perf_counter(); PHASES.clear(); COUNTS.clear()
+            trajs = rollout(model, processor, batch, n=k, script=script, **kw)
+            sync(); dt = time.perf_counter() - t0
+            first = first or trajs
+            gen = sum(sum(t.action_mask) for t in trajs)
+            step = (PHASES["decode"] - PHASES["graph capture"]) / max(COUNTS["steps"], 1)   # capture: once a bucket
+            moved = weights * COUNTS["steps"] + per_token * COUNTS["kv_tokens"]
+            ceiling = moved / (step * COUNTS["steps"]) / (peak * 1e12) if peak else float("nan")
+            rows[name] = dict(tok_s=gen / dt, s=dt, prompt=PHASES["prompt prefill"],
+                              prefill=PHASES["prompt prefill"] + PHASES["observation prefill"], decode=PHASES["decode"],
+                              step_ms=1e3 * step, ceiling=ceiling)
+            print(f"{name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in PHASES.items()), flush=True)
     if not skip_generate:
         sync(); t0 = time.perf_counter()
-        gen = generate_one_at_a_time(model, processor, samples, script, turns)
+        gen = generate_one_at_a_time(model, processor, samples[:sizes[0]], script, turns)
         sync(); dt = time.perf_counter() - t0
-        rows["model.generate, one at a time"] = (gen / dt, dt, float("nan"))
-    base = rows.get("model.generate, one at a time", rows["batched, re-prefill"])[0]
-    print(f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {n_traj} trajectories x "
-          f"{turns} turns, {device}")
-    print(f"{'way':40s} {'gen tok/s':>10s} {'seconds':>8s} {'prefill s':>10s} {'vs naive':>9s}")
-    for name, (tps, dt, pre) in rows.items():
-        print(f"{name:40s} {tps:10.1f} {dt:8.2f} {pre:10.2f} {tps / base:8.1f}x")
-    shared = rows[f"groups of {group}, prompt prefilled once"]
-    separate = rows[f"groups of {group}, prefilled per sample"]
-    print(json.dumps({"preset": preset, "device": device, "trajectories": n_traj,
-                      "cache_tok_s": round(rows["batched, cross-turn KV cache"][0], 1),
-                      "re_prefill_tok_s": round(rows["batched, re-prefill"][0], 1),
-                      "group_prefill_speedup": round(separate[2] / max(shared[2], 1e-9), 2),
-                      **({"generate_tok_s": round(rows["model.generate, one at a time"][0], 1)}
+        rows["model.generate, one at a time"] = dict(tok_s=gen / dt, s=dt, prompt=float("nan"), prefill=float("nan"),
+                                                     decode=float("nan"), step_ms=float("nan"), ceiling=float("nan"))
+    with torch.no_grad():   # the sampler's log-probs against the training forward's, on the first size's trajectories
+        drift = max((lp[:len(t.seq.ids) - 1] - torch.tensor(t.logprobs[1:], device=lp.device)).abs()
+                    [torch.tensor(t.action_mask[1:], dtype=torch.bool, device=lp.device)].max().item()
+                    for i in range(0, len(first), 8) for t, lp in zip(first[i:i + 8], token_logprobs(
+                        model, [t.seq for t in first[i:i + 8]]).float()))
+    base = rows.get("model.generate, one at a time", rows[f"{sizes[0]} rows, re-prefill each turn"])["tok_s"]
+    print(f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {turns} turns x {turn_tokens} "
+          f"tokens a trajectory, {gpu or device}, torch {torch.__version__}, prompt {first[0].prompt_len} tokens")
+    print(f"{'way':40s} {'gen tok/s':>10s} {'seconds':>8s} {'prompt s':>9s} {'prefill s':>10s} {'decode s':>9s} "
+          f"{'step ms':>8s} {'of peak BW':>10s} {'vs naive':>9s}")
+    for name, r in rows.items():
+        print(f"{name:40s} {r['tok_s']:10.1f} {r['s']:8.2f} {r['prompt']:9.2f} {r['prefill']:10.2f} {r['decode']:9.2f} "
+              f"{r['step_ms']:8.2f} {r['ceiling']:10.2f} {r['tok_s'] / base:8.1f}x")
+    print(f"largest |sampler log-prob - training forward's| over the {sizes[0]} rows: {drift:.2e}")
+    n, g = sizes[0], group
+    shared, separate = rows[f"{n // g} x {g}, prompt prefilled once"], rows[f"{n // g} x {g}, prefilled per sample"]
+    print(json.dumps({"preset": preset, "device": gpu or device, "sampler_vs_trainer_logp": float(f"{drift:.2e}"),
+                      **{f"rollout_{n}_tok_s": round(rows[f"{n} rows (default)"]["tok_s"], 1) for n in sizes},
+                      "group_prompt_prefill_speedup": round(separate["prompt"] / max(shared["prompt"], 1e-9), 2),
+                      **({"generate_tok_s": round(rows["model.generate, one at a time"]["tok_s"], 1)}
                          if not skip_generate else {})}))
 
 
@@ -593,15 +723,19 @@ def main():
     ap.add_argument("--bench", action="store_true", help="measure rollout throughput three ways (see module doc)")
     ap.add_argument("--preset", default="mini", choices=["test", "mini", "7b"], help="model to bench: tiny presets "
                     "or the real 7B architecture with random weights (GPU)")
-    ap.add_argument("--n", type=int, default=None, help="trajectories (default 16 on CPU presets, 64 for 7b)")
+    ap.add_argument("--n", type=int, nargs="+", default=None, help="trajectories in the batch, one or more sizes "
+                    "(default 16 on CPU presets, 64 256 for 7b)")
+    ap.add_argument("--group", type=int, default=None, help="samples a prompt in the group rows (default 4 on CPU "
+                    "presets, 16 for 7b: the paper's group)")
     ap.add_argument("--turns", type=int, default=4, help="model turns per trajectory (3 code calls, then an answer)")
     ap.add_argument("--turn-tokens", type=int, default=48, help="tokens generated per turn")
     ap.add_argument("--skip-generate", action="store_true", help="do not run the slow model.generate baseline")
     args = ap.parse_args()
     if not args.bench:
         return ap.print_help()
-    bench(args.preset, args.n or (64 if args.preset == "7b" else 16), args.turns, args.turn_tokens,
-          skip_generate=args.skip_generate)
+    big = args.preset == "7b"
+    bench(args.preset, args.n or ([64, 256] if big else [16]), args.turns, args.turn_tokens,
+          skip_generate=args.skip_generate, group=args.group or (16 if big else 4))
 
 
 if __name__ == "__main__":

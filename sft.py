@@ -86,110 +86,14 @@ def encode_conversation(processor, messages, images, max_pixels=M.SFT_MAX_PIXELS
     return seq, labels
 
 
-def load_conversations(path):
-    """JSONL rows {images, messages} -> list of (messages, image paths). Bad rows are reported and skipped."""
-    root, rows, bad = os.path.dirname(os.path.abspath(path)), [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                messages, images = row["messages"], [os.path.join(root, p) for p in row.get("images") or []]
-                if not isinstance(messages, list) or not all(isinstance(m.get("content"), str) and
-                                                             m.get("role") in ("system", "user", "assistant")
-                                                             for m in messages):
-                    raise ValueError("messages must be a list of {role, content: str}")
-                holes = sum(m["content"].count("<image>") for m in messages)
-                if holes != len(images):
-                    raise ValueError(f"{holes} <image> placeholders but {len(images)} images")
-                if not any(m["role"] == "assistant" for m in messages):
-                    raise ValueError("no assistant turn")
-                for image in images:
-                    M.load_image(image, check_only=True)   # each file opened and checked once, here
-                rows.append((messages, images))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                print(f"{path}:{n}: skipped ({e})", file=sys.stderr)
-                bad += 1
-    if bad:
-        print(f"{path}: {bad} bad rows skipped, {len(rows)} conversations kept", file=sys.stderr)
-    return rows
-
-
-# ================================================================================================ the released data
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-         "observation": "user", "function": "user", "tool": "user"}   # tool outputs are user turns
-
-
-def convert(src, images_root, out):
-    """DeepEyesV2_SFT json (a list, or JSONL) of sharegpt rows {messages|conversations, images} -> our JSONL.
-    A row whose <image> placeholders and images disagree (or whose image is missing) is reported and skipped."""
-    with open(src, encoding="utf-8") as f:
-        raw = f.read()
-    rows, dec, pos = [], json.JSONDecoder(), 0
-    if raw.lstrip().startswith("["):   # walk the list item by item, so a bad row is reported with its line
-        pos = raw.index("[") + 1
-        while True:
-            while pos < len(raw) and raw[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(raw) or raw[pos] == "]":
-                break
-            item, end = dec.raw_decode(raw, pos)
-            rows.append((raw.count("\n", 0, pos) + 1, item))
-            pos = end
-    else:
-        rows = [(n, json.loads(line)) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
-    out_dir, kept = os.path.dirname(os.path.abspath(out)), 0
-    with open(out, "w", encoding="utf-8") as f:
-        for line, row in rows:
-            turns = row.get("messages") or row.get("conversations") or []
-            messages = [{"role": ROLES[t.get("role", t.get("from"))], "content": t.get("content", t.get("value"))}
-                        for t in turns if t.get("role", t.get("from")) in ROLES]
-            images = [os.path.join(images_root, p) for p in row.get("images", [])]
-            holes = sum(m["content"].count("<image>") for m in messages)
-            missing = [p for p in images if not os.path.exists(p)]
-            if holes != len(images) or missing or not any(m["role"] == "assistant" for m in messages):
-                why = f"{holes} <image> placeholders but {len(images)} images" if holes != len(images) else \
-                    f"missing image {missing[0]}" if missing else "no assistant turn"
-                print(f"{src}:{line}: skipped ({why})", file=sys.stderr)
-                continue
-            f.write(json.dumps({"images": [os.path.relpath(p, out_dir) for p in images], "messages": messages},
-                               ensure_ascii=False) + "\n")
-            kept += 1
-    print(f"wrote {kept} of {len(rows)} conversations to {out}")
-
-
 # ================================================================================================ training
-def freeze_vision(model):
-    """The vision tower and its projector (`visual.merger`) stay as pretrained, as in the paper."""
-    for p in model.model.visual.parameters():
-        p.requires_grad_(False)
-
-
-def order(n, epochs, seed):
-    """Sample index of every data position: a fresh seeded shuffle per epoch (so a resume replays it exactly)."""
-    out = []
-    for e in range(math.ceil(epochs)):
-        perm = list(range(n))
-        random.Random(seed * 1000 + e).shuffle(perm)
-        out += perm
-    return out[:int(n * epochs)]
-
-
-def cosine_with_warmup(opt, total, warmup):
-    def lr_scale(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lr_scale)
-
-
 def sft_step(model, opt, sched, window, grad_clip):
     """One optimizer step over an accumulation window of (Seq, labels): the loss is a token mean over the window."""
     n_labels = sum(sum(lab) for _, lab in window)
     total = 0.0
     for seq, labels in window:   # batch 1: one sample per forward, as the paper
         logp = M.token_logprobs(model, [seq])[0]
+        # logp[k] scores token k+1 (predicted from the tokens before it), so the labels shift by one
         mask = torch.tensor(labels[1:], dtype=logp.dtype, device=logp.device)   # <- only the model's tokens
         loss = -(logp * mask).sum() / n_labels
         loss.backward()
@@ -245,13 +149,102 @@ def train(args):
                        tokens_per_s=tokens / dt, skipped=skipped, non_finite_steps=bad_steps, seconds=dt)
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        done = int(30 * (step + 1) / total)
-        print(f"\r[{'#' * done}{'.' * (30 - done)}] step {step + 1}/{total} loss {loss:.4f} lr {metrics['lr']:.2e} "
-              f"{tokens / dt:.0f} tok/s skipped {skipped}", end="", flush=True)
+        M.progress(step + 1, total, f"steps, loss {loss:.4f} lr {metrics['lr']:.2e} {tokens / dt:.0f} tok/s "
+                   f"skipped {skipped}")
         if (step + 1) % args.save_every == 0 or step + 1 == stop:
             M.save_checkpoint(args.out, model, processor, opt, step + 1, sched)
     print()
     return model
+
+
+# ================================================================================================ data
+def load_conversations(path):
+    """JSONL rows {images, messages} -> list of (messages, image paths). Bad rows are reported and skipped."""
+    root = os.path.dirname(os.path.abspath(path))
+
+    def conversation(row, n):
+        messages, images = row["messages"], [os.path.join(root, p) for p in row.get("images") or []]
+        if not isinstance(messages, list) or not all(isinstance(m.get("content"), str) and
+                                                     m.get("role") in ("system", "user", "assistant")
+                                                     for m in messages):
+            raise ValueError("messages must be a list of {role, content: str}")
+        holes = sum(m["content"].count("<image>") for m in messages)
+        if holes != len(images):
+            raise ValueError(f"{holes} <image> placeholders but {len(images)} images")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("no assistant turn")
+        for image in images:
+            M.load_image(image, check_only=True)   # each file opened and checked once, here
+        return messages, images
+    return M.kept_rows(M.jsonl_lines(path), conversation, path, "conversations")
+
+
+# ================================================================================================ the released data
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+         "observation": "user", "function": "user", "tool": "user"}   # tool outputs are user turns
+
+
+def convert(src, images_root, out):
+    """DeepEyesV2_SFT json (a list, or JSONL) of sharegpt rows {messages|conversations, images} -> our JSONL.
+    A row whose <image> placeholders and images disagree (or whose image is missing) is reported and skipped."""
+    with open(src, encoding="utf-8") as f:
+        raw = f.read()
+    rows, dec, pos = [], json.JSONDecoder(), 0
+    if raw.lstrip().startswith("["):   # walk the list item by item, so a bad row is reported with its line
+        pos = raw.index("[") + 1
+        while True:
+            while pos < len(raw) and raw[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(raw) or raw[pos] == "]":
+                break
+            item, end = dec.raw_decode(raw, pos)
+            rows.append((raw.count("\n", 0, pos) + 1, item))
+            pos = end
+    else:
+        rows = [(n, json.loads(line)) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
+    out_dir, kept = os.path.dirname(os.path.abspath(out)), 0
+    with open(out, "w", encoding="utf-8") as f:
+        for line, row in rows:
+            turns = row.get("messages") or row.get("conversations") or []
+            messages = [{"role": ROLES[t.get("role", t.get("from"))], "content": t.get("content", t.get("value"))}
+                        for t in turns if t.get("role", t.get("from")) in ROLES]
+            images = [os.path.join(images_root, p) for p in row.get("images", [])]
+            holes = sum(m["content"].count("<image>") for m in messages)
+            missing = [p for p in images if not os.path.exists(p)]
+            if holes != len(images) or missing or not any(m["role"] == "assistant" for m in messages):
+                why = f"{holes} <image> placeholders but {len(images)} images" if holes != len(images) else \
+                    f"missing image {missing[0]}" if missing else "no assistant turn"
+                print(f"{src}:{line}: skipped ({why})", file=sys.stderr)
+                continue
+            f.write(json.dumps({"images": [os.path.relpath(p, out_dir) for p in images], "messages": messages},
+                               ensure_ascii=False) + "\n")
+            kept += 1
+    print(f"wrote {kept} of {len(rows)} conversations to {out}")
+
+
+# ================================================================================================ training helpers
+def freeze_vision(model):
+    """The vision tower and its projector (`visual.merger`) stay as pretrained, as in the paper."""
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+
+
+def order(n, epochs, seed):
+    """Sample index of every data position: a fresh seeded shuffle per epoch (so a resume replays it exactly)."""
+    out = []
+    for e in range(math.ceil(epochs)):
+        perm = list(range(n))
+        random.Random(seed * 1000 + e).shuffle(perm)
+        out += perm
+    return out[:int(n * epochs)]
+
+
+def cosine_with_warmup(opt, total, warmup):
+    def lr_scale(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_scale)
 
 
 def bench(preset, lengths, device=None):

@@ -410,6 +410,28 @@ def test_sampled_batch_of_different_lengths_matches_one_at_a_time(tiny):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
 
 
+def test_static_decode_equals_the_models_forward(tiny, monkeypatch):
+    """StaticKV (the decode step written against the weights, over preallocated slots; CUDA graphs on a GPU) gives
+    the sampled tokens the training forward's log-probs: rows of different lengths ending at different steps, two
+    turns (the slots reloaded), the capacity grown past 256 tokens, and the GPU's power-of-two buckets with dead
+    slots computed, then compacted away."""
+    model, processor, _ = tiny
+    samples = [R.Sample([Image.new("RGB", (28 * (i + 1), 56))], "q" * (i * 7 + 1)) for i in range(3)]
+    script = lambda t, turn: ["<code>\nprint(1)\n</code>", ""][turn]   # turn 1 forced, turn 2 sampled
+    sizes, allocate = [], R.StaticKV.allocate
+    monkeypatch.setattr(R.StaticKV, "bucket", lambda self, n: 1 << (n - 1).bit_length())
+    monkeypatch.setattr(R.StaticKV, "allocate", lambda self, need: (sizes.append(need), allocate(self, need))[1])
+    torch.manual_seed(0)
+    trajs = R.rollout(model, processor, samples, n=2, script=script, max_turn_tokens=300, max_turns=2,
+                      prompt=R.Prompt("You answer."), tools_on=False)
+    assert len({len(t.seq.ids) for t in trajs}) > 2 and max(len(t.seq.ids) - t.prompt_len for t in trajs) > 300
+    assert len(sizes) >= 2 and max(sizes) >= 256 and all(t.turns == 2 for t in trajs)   # loaded, then grown
+    lp = M.token_logprobs(model, [t.seq for t in trajs])
+    for b, t in enumerate(trajs):
+        mask = torch.tensor(t.action_mask[1:], dtype=torch.bool)
+        assert torch.allclose(lp[b, :len(t.seq.ids) - 1][mask], torch.tensor(t.logprobs[1:])[mask], atol=1e-5)
+
+
 def test_sampler_never_emits_banned_tokens(tiny):
     model, processor, _ = tiny
     banned = {processor.tokenizer.convert_tokens_to_ids(t) for t in R.BANNED}
@@ -1283,6 +1305,13 @@ def benchmark_files(root):
                                           dict(index=1, image=blue, question="Who?", answer="Ada")])
     write_tsv(root / "MathVista_MINI.tsv", [dict(index=0, image=red, question="x?", answer="0.5"),
                                             dict(index=1, image=red, question="Pick", A="3", B="4", answer="4")])
+    write_tsv(root / "MME-RealWorld-Lite.tsv", [   # options as one "(A) text" list, VLMEvalKit's Lite file
+        dict(index=i, image=red, question="What colour is the car?", answer=gold, category="Perception",
+             **{"multi-choice options": str(["(A) red", "(B) blue", "(C) green", "(D) white", "(E) black"])})
+        for i, gold in enumerate("AC")])
+    write_tsv(root / "WeMath.tsv", [   # one 2-step problem: its two parts and the multi-step question
+        dict(index=i, image=red, question=f"Step {key}?", A="1", B="2", answer=gold, ID="p1", key=key)
+        for i, (key, gold) in enumerate([("2steps_1", "A"), ("2steps_2", "B"), ("2steps_multi", "A")])])
     raw = __import__("base64").b64decode(red)
     pq.write_table(pa.Table.from_pylist([
         dict(query="Where?", answer="Paris or Lyon", perception=1, search=1, reason=1,
@@ -1296,12 +1325,16 @@ def benchmark_files(root):
     return root
 
 
-@pytest.mark.parametrize("bench", ["VStarBench", "OCRBench", "ChartQA_TEST", "MathVista_MINI", "RealX", "FVQA-test"])
+LOADED = ["VStarBench", "MME-RealWorld-Lite", "WeMath", "OCRBench", "ChartQA_TEST", "MathVista_MINI", "RealX",
+          "FVQA-test"]
+
+
+@pytest.mark.parametrize("bench", LOADED)
 def test_each_loader_reads_its_published_format_and_scores_gold_as_right(bench, tmp_path):
     benchmark_files(tmp_path)
     path = str(tmp_path / E.BENCHES[bench].file)
     items = E.load(bench, path)
-    assert len(items) in (2, 4) and all(E.score(it.answers[0], it) == 1.0 for it in items)   # gold: 100%
+    assert len(items) in (2, 3, 4) and all(E.score(it.answers[0], it) == 1.0 for it in items)   # gold: 100%
     constant_a = sum(E.score("A", it) for it in items)
     assert constant_a == sum(it.answers[0] == "A" for it in items)   # "A" scores exactly the share of gold "A"
     for it in items:
@@ -1310,6 +1343,9 @@ def test_each_loader_reads_its_published_format_and_scores_gold_as_right(bench, 
     if bench == "VStarBench":
         assert len(items[3].images) == 2 and items[2].images[0] == items[0].images[0]
         assert "Question: Which side?\nOptions:\nA. left\nB. right\nC. up\n" in items[2].question
+    if bench == "MME-RealWorld-Lite":   # its own wording, as VLMEvalKit's MMERealWorld.build_prompt
+        assert items[1].options[2] == "green" and items[1].question.startswith("What colour is the car? The choices")
+        assert "(E) black\nSelect the best answer" in items[1].question
     if bench == "OCRBench":   # a reference inside the answer; formulas without spaces
         assert E.score("It says STOP here", items[0]) == 1.0 and E.score("x ^ { 2 } + 1", items[1]) == 1.0
     if bench == "ChartQA_TEST":
@@ -1320,6 +1356,20 @@ def test_each_loader_reads_its_published_format_and_scores_gold_as_right(bench, 
     with pytest.raises(SystemExit) as e:
         E.load(bench, path)
     assert "Get it from" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wemath_reports_its_strict_score_over_composite_problems():
+    """VLMEvalKit's four categories: all parts right + multi wrong = IG (-0.5), a part wrong + multi wrong = IK (-1),
+    a part wrong + multi right = RM (-1, strict), all right = CM; a problem with a part missing is left out."""
+    row = lambda pid, key, ok, infra=False: dict(problem=[pid, key], correct=float(ok), infra_error=infra)
+    rows = [row("m", "2steps_1", 1), row("m", "2steps_2", 1), row("m", "2steps_multi", 1),              # CM
+            row("g", "3steps_1", 1), row("g", "3steps_2", 1), row("g", "3steps_3", 1), row("g", "3steps_multi", 0),
+            row("k", "2steps_1", 0), row("k", "2steps_2", 1), row("k", "2steps_multi", 0),              # IK
+            row("r", "2steps_1", 1), row("r", "2steps_2", 0), row("r", "2steps_multi", 1),              # RM
+            row("x", "2steps_1", 1), row("x", "2steps_2", 1, infra=True), row("x", "2steps_multi", 1)]  # left out
+    assert E.wemath_strict(rows) == pytest.approx(100 * (4 - 0.5 - 1 - 1) / 4)
+    summary = E.summarize([dict(r, id=str(i), groups=["all"], calls={}, turns=1) for i, r in enumerate(rows)], "w")
+    assert summary["metric"] == ("Score (Strict)", pytest.approx(37.5))
 
 
 def test_judge_maps_a_free_answer_to_an_option_and_its_outage_is_retried(fake_judge, tiny, tmp_path):
@@ -1352,7 +1402,7 @@ def test_bench_all_prints_the_papers_table_and_records_each_protocol(tiny, tmp_p
     out = capsys.readouterr().out
     assert set(results) == set(E.PAPER) and len(E.PAPER) == 22
     ran = [b for b, r in results.items() if not isinstance(r, str)]
-    assert sorted(ran) == sorted(["VStarBench", "OCRBench", "ChartQA_TEST", "MathVista_MINI", "RealX", "FVQA-test"])
+    assert sorted(ran) == sorted(LOADED)
     assert "DeepEyesV2" in out and "Qwen2.5-VL" in out and "not run: no file" in out
     assert any(line.startswith("HRBench4K") and "77.9" in line and "71.6" in line for line in out.splitlines())
     for bench in ran:

@@ -65,11 +65,308 @@ MAX_MESSAGE = 64 << 20       # the largest reply the host accepts from a session
 PRELOAD = ["numpy", "cv2", "scipy.ndimage", "scipy.signal", "pandas", "sympy", "sklearn.cluster"]
 
 
+# ================================================================================================ actions
+@dataclass
+class Action:
+    kind: str          # "answer" | "code" | "search" | "image_search" | "error" | "none"
+    arg: str = ""      # the answer, the code, the query, or the error observation text
+
+
+def extract_answer(response):
+    """The final answer of a whole response, read as the original's reward reads it: the first <answer>...</answer>
+    after the last </think>, stripped (None if there is none). The one answer parser of reward, eval and rollout."""
+    tail = response.rsplit("</think>", 1)[-1]
+    start = tail.find("<answer>")
+    end = tail.find("</answer>", start) if start >= 0 else -1
+    return tail[start + len("<answer>"):end].strip() if end >= 0 else None
+
+
+def last_between(text, open_tag, close_tag):
+    """The text inside the last open_tag ... close_tag pair (None if none). str.rfind, not a regex: a policy at
+    temperature 1 can write thousands of unclosed tags, and a lazy regex is quadratic over them."""
+    end = text.rfind(close_tag)
+    start = text.rfind(open_tag, 0, end) if end >= 0 else -1
+    return text[start + len(open_tag):end] if start >= 0 else None
+
+
+def parse_action(text):
+    """What a model turn asks for. The original's precedence: answer > code > tool_call; the last match of each wins.
+    Whatever the text, this returns an Action: a malformed call is an "error" the model reads and may recover from."""
+    answer = last_between(text, "<answer>", "</answer>")
+    if answer is not None:
+        return Action("answer", answer.strip())
+    if "<code>" in text:
+        block = text.rsplit("<code>", 1)[1].split("</code>", 1)[0]
+        start = block.rfind("```python")
+        while start >= 0:   # the last closed fence (each find stops at the next fence: linear)
+            end = block.find("```", start + len("```python"))
+            if end >= 0:
+                return Action("code", block[start + len("```python"):end].lstrip())
+            start = block.rfind("```python", 0, start)
+        return Action("error", "Error: no ```python block found inside <code></code>.")
+    call = last_between(text, "<tool_call>", "</tool_call>")
+    if call is None:
+        return Action("none")
+    try:
+        call = json.loads(call.strip())
+    except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the parser's stack
+        return Action("error", f"Error: the tool call is not valid JSON ({str(e)[:200]}).")
+    if not isinstance(call, dict):
+        return Action("error", "Error: the tool call must be a JSON object with a 'name'.")
+    name, args = call.get("name"), call.get("arguments")
+    if name == "search":
+        query = args.get("query") if isinstance(args, dict) else None
+        if not isinstance(query, str) or not query.strip():
+            return Action("error", "Error: search needs {\"arguments\": {\"query\": \"...\"}}.")
+        return Action("search", query.strip())
+    if name == "image_search":
+        if args:
+            return Action("error", "Error: image_search takes no arguments; it searches the original image.")
+        return Action("image_search")
+    return Action("error", f"Error: unknown tool {str(name)[:100]!r}; the tools are 'search' and 'image_search'.")
+
+
 # ================================================================================================ the sandbox
+class Sandbox:
+    """A notebook-like Python session for one trajectory. Use as a context manager; `.run(code)` -> dict.
+
+    >>> with Sandbox([img]) as sb: sb.run("print(image_1.size)")["stdout"]
+    """
+    warned = False
+
+    def __init__(self, images=(), timeout=20, memory_mb=2048, cpu_seconds=120, scratch_mb=64):
+        self.images = list(images)
+        self.limits = dict(timeout=int(timeout), memory_mb=memory_mb, cpu_seconds=cpu_seconds, scratch_mb=scratch_mb)
+        self.sock = self.pid = self.scratch = None
+        self.restarts = 0
+        self._start()
+
+    def _start(self):
+        self.scratch = tempfile.mkdtemp(prefix="deepeyes-sandbox-")
+        os.chmod(self.scratch, 0o777)
+        ours, theirs = socket.socketpair()
+        try:
+            self.pid = _Zygote.spawn(theirs, self.scratch, self.limits)
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.sock.settimeout(30)
+        try:
+            self.protections = _recv(self.sock)["protections"]
+            _send(self.sock, {}, self.images)
+            _recv(self.sock)
+        except (OSError, EOFError, ValueError, KeyError, TypeError, RecursionError) as e:
+            self.close()
+            raise SandboxError(f"sandbox failed to start: {str(e)[:200]}") from e
+        self._check_protections()
+
+    def _check_protections(self):
+        missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities", "seccomp",
+                               "unprivileged")
+                   if not self.protections.get(k)]
+        if not missing:
+            return
+        if os.environ.get("DEEPEYES_UNSAFE_SANDBOX") != "1":
+            self.close()
+            raise SandboxError(f"sandbox cannot isolate code here (missing: {', '.join(missing)}); enable "
+                               "unprivileged user namespaces or run as root, or set DEEPEYES_UNSAFE_SANDBOX=1 to "
+                               "run model code WITHOUT these protections")
+        if not Sandbox.warned:
+            Sandbox.warned = True
+            print(f"WARNING: sandbox running WITHOUT: {', '.join(missing)} (DEEPEYES_UNSAFE_SANDBOX=1)",
+                  file=sys.stderr)
+
+    def run(self, code):
+        """Run one cell. Returns stdout, stderr and images (PIL). Code that times out or dies (memory, CPU time)
+        restarts the session and says so; a reply that breaks the channel's protocol (malformed, oversized, not the
+        answer to this call: code inside the session can write to the channel) restarts it too and raises
+        SandboxError, an infrastructure error that is counted, never scored."""
+        self.sock.settimeout(self.limits["timeout"] + 5)   # the in-session alarm fires first; this is the backstop
+        nonce = os.urandom(8).hex()   # unguessable per call: a reply forged during one call cannot answer the next
+        try:
+            _send(self.sock, {"code": code, "nonce": nonce})
+            reply = _recv(self.sock)
+            if reply.get("nonce") != nonce or not isinstance(reply.get("stdout"), str) or \
+                    not isinstance(reply.get("stderr"), str):
+                raise _ProtocolError("a reply that does not answer this call")
+        except (OSError, EOFError) as e:
+            why = "timed out" if isinstance(e, socket.timeout) else "died (memory, CPU-time or output limit)"
+            self._restart()
+            return dict(stdout="", images=[], stderr=f"Error: the code {why}; the Python session was restarted, "
+                                                     f"variables were lost; image_1.. are loaded again.")
+        except (_ProtocolError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            self._restart()
+            raise SandboxError(f"the sandbox channel broke ({str(e)[:100]}); the session was restarted") from e
+        return dict(stdout=reply["stdout"][:2 * OUTPUT_LIMIT], stderr=reply["stderr"][:2 * OUTPUT_LIMIT],
+                    images=reply["images"][:MAX_IMAGES_PER_CALL])
+
+    def _restart(self):
+        self.close()
+        self.restarts += 1
+        self._start()
+
+    def close(self):
+        """Kill the session with everything it started, and remove its scratch directory."""
+        if self.sock is not None:
+            self.sock.close()
+        if self.pid:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)   # the session's whole process group
+            except ProcessLookupError:
+                pass
+        if self.scratch and os.path.isdir(self.scratch):
+            import shutil
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.sock = self.pid = self.scratch = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
 class SandboxError(RuntimeError):
     """Infrastructure failure (the sandbox could not start or answer): counted by the caller, never scored."""
 
 
+def _plain(s):
+    """Tool output as text: whatever it holds, it cannot claim an image slot."""
+    return str(s).replace(IMAGE_SLOT, "")
+
+
+def format_code_result(result):
+    """The original's observation for a code call (stripped); one image slot per returned image."""
+    text = (f"Code execution result:\nstdout:\n```\n{_plain(result['stdout'])}\n```\n\n"
+            f"stderr:\n```\n{_plain(result['stderr'])}\n```\n\n")
+    if result["images"]:
+        text += "Images:\n" + IMAGE_SLOT * len(result["images"])
+    return text.strip()
+
+
+# ================================================================================================ search
+class SearchError(RuntimeError):
+    """The search backend is unreachable or broken (infrastructure, not the model's fault)."""
+
+
+def post_json(url, payload, read, error, headers=None, retries=3, timeout=20):
+    """POST JSON with retries and exponential backoff -> read(the reply's JSON). A failure of any kind (network, HTTP
+    status, a reply `read` rejects) is tried again, then raised as `error`: a backend that is down is an
+    infrastructure error, never a wrong answer. The search client and the judge (grpo.LLMJudge) both use it."""
+    last = None
+    for attempt in range(retries):
+        try:
+            r = requests.post(url, json=payload, headers=headers or {}, timeout=timeout)
+            r.raise_for_status()
+            return read(r.json())
+        except (requests.RequestException, KeyError, IndexError, TypeError, ValueError) as e:
+            last = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        time.sleep(0.5 * 2 ** attempt)
+    raise error(f"{url} failed after {retries} tries: {last}")
+
+
+def _serper_shaped(reply):
+    if not isinstance(reply, dict) or not isinstance(reply.get("organic", []), list):
+        raise ValueError("the reply is not Serper-shaped JSON")
+    return reply
+
+
+def _post(path, payload, url=None):
+    """POST to the Serper-style endpoint; the key comes from the environment."""
+    return post_json((url or SEARCH_URL).rstrip("/") + path, payload, _serper_shaped, SearchError,
+                     {"X-API-KEY": os.environ.get("SERPER_API_KEY", ""), "Content-Type": "application/json"})
+
+
+def _cached(kind, key, fetch):
+    """On-disk cache: one JSON file per query / image hash, so repeated rollouts never pay twice."""
+    path = os.path.join(CACHE_DIR, "search", kind, hashlib.sha256(key).hexdigest() + ".json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):   # not cached yet, or a corrupt entry (a crash mid-write, a full disk): fetch it
+        pass
+    value = fetch()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+    return value
+
+
+def text_search(query, k=5, url=None, cache=True):
+    """-> (observation text, []) for a web search, formatted as the original (data/PROTOCOL.md)."""
+    fetch = lambda: _post("/search", {"q": query, "num": k}, url).get("organic", [])[:k]
+    results = _cached("text", f"{url or SEARCH_URL}|{k}|{query}".encode(), fetch) if cache else fetch()
+    results = [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
+    items = []
+    for i, r in enumerate(results, 1):
+        item = f"{i}. [{_plain(r.get('title', ''))}]({_plain(r.get('link', ''))})"
+        item += f"\nDate published: {_plain(r['date'])}" if r.get("date") else ""
+        item += "\n" + (f"\n{_plain(r['snippet'])}" if r.get("snippet") else "")
+        items.append(item)
+    text = (f"A Google search for '{_plain(query)}' found {len(results)} results:\n\n## Web Results\n"
+            + "\n\n".join(items))
+    return f"<tool_response>\n{text}\n</tool_response>", []
+
+
+def image_search(image, k=3, url=None, cache=True):
+    """-> (observation text, result images) for a reverse image search, formatted as the original."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG", compress_level=1)   # fast: the bytes are the cache key and payload
+    png = buf.getvalue()
+    fetch = lambda: _post("/lens", {"image_b64": base64.b64encode(png).decode(), "num": k}, url).get("organic", [])[:k]
+    results = _cached("image", (url or SEARCH_URL).encode() + png, fetch) if cache else fetch()
+    return format_image_results([(r.get("title", ""), Image.open(io.BytesIO(base64.b64decode(r["image_b64"])))
+                                  if r.get("image_b64") else None) for r in results])
+
+
+def format_image_results(results):
+    """[(title, PIL image or None)] -> (observation text, images). The original's "<image>" marks where each result
+    image goes: here an image slot."""
+    items = [f"{i}. {IMAGE_SLOT if img is not None else '(no image)'}\n[{_plain(title)}] \n"
+             for i, (title, img) in enumerate(results, 1)]
+    text = f"A Google image search for the image found {len(results)} results:\n\n## Web Results\n" + "\n\n".join(items)
+    return f"<tool_response>\n{text}\n</tool_response>", [img.convert("RGB") for _, img in results if img is not None]
+
+
+class ImageSearchCache:
+    """The original's image search: reverse-image results cached per training sample, because reverse-image APIs
+    need a public image URL. The released DeepEyesV2 search cache is one JSON file
+    {data_index: {"tool_returned_web_title": [...], "cached_images_path": [...]}}, keyed by the sample's
+    `extra_info.index` (our `id`); a result is returned when its image file exists (paths relative to the file).
+    The original ended the episode when a sample had no entry; here that is an error observation and the model goes
+    on (the reward then decides whether going on without it was right)."""
+
+    def __init__(self, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.entries = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SearchError(f"image-search cache {path} cannot be read: {str(e)[:200]}") from e
+        if not isinstance(self.entries, dict):
+            raise SearchError(f"image-search cache {path} is not a JSON object keyed by sample index")
+        self.root = os.path.dirname(os.path.abspath(path))
+
+    def __call__(self, key):
+        entry = self.entries.get(str(key))
+        if not isinstance(entry, dict):
+            return "Error: image search found nothing for this image.", []
+        results = []
+        for title, path in zip(entry.get("tool_returned_web_title") or [], entry.get("cached_images_path") or []):
+            path = os.path.join(self.root, str(path))
+            try:
+                results.append((str(title), Image.open(path).convert("RGB")))
+            except OSError:   # a listed image that is not there (the original skipped those too)
+                continue
+        return format_image_results(results[:MAX_IMAGES_PER_CALL])
+
+
+# ================================================================================================ the sandbox, inside
+# ---- the wire: length-prefixed JSON, then the images' raw pixels
 class _ProtocolError(ValueError):
     """A session's reply that is not the answer to the call in flight."""
 
@@ -354,233 +651,6 @@ class _Zygote:
             return struct.unpack("<q", _recv_exact(cls.ctl, 8))[0]
 
 
-class Sandbox:
-    """A notebook-like Python session for one trajectory. Use as a context manager; `.run(code)` -> dict.
-
-    >>> with Sandbox([img]) as sb: sb.run("print(image_1.size)")["stdout"]
-    """
-    warned = False
-
-    def __init__(self, images=(), timeout=20, memory_mb=2048, cpu_seconds=120, scratch_mb=64):
-        self.images = list(images)
-        self.limits = dict(timeout=int(timeout), memory_mb=memory_mb, cpu_seconds=cpu_seconds, scratch_mb=scratch_mb)
-        self.sock = self.pid = self.scratch = None
-        self.restarts = 0
-        self._start()
-
-    def _start(self):
-        self.scratch = tempfile.mkdtemp(prefix="deepeyes-sandbox-")
-        os.chmod(self.scratch, 0o777)
-        ours, theirs = socket.socketpair()
-        try:
-            self.pid = _Zygote.spawn(theirs, self.scratch, self.limits)
-        finally:
-            theirs.close()
-        self.sock = ours
-        self.sock.settimeout(30)
-        try:
-            self.protections = _recv(self.sock)["protections"]
-            _send(self.sock, {}, self.images)
-            _recv(self.sock)
-        except (OSError, EOFError, ValueError, KeyError, TypeError, RecursionError) as e:
-            self.close()
-            raise SandboxError(f"sandbox failed to start: {str(e)[:200]}") from e
-        self._check_protections()
-
-    def _check_protections(self):
-        missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities", "seccomp",
-                               "unprivileged")
-                   if not self.protections.get(k)]
-        if not missing:
-            return
-        if os.environ.get("DEEPEYES_UNSAFE_SANDBOX") != "1":
-            self.close()
-            raise SandboxError(f"sandbox cannot isolate code here (missing: {', '.join(missing)}); enable "
-                               "unprivileged user namespaces or run as root, or set DEEPEYES_UNSAFE_SANDBOX=1 to "
-                               "run model code WITHOUT these protections")
-        if not Sandbox.warned:
-            Sandbox.warned = True
-            print(f"WARNING: sandbox running WITHOUT: {', '.join(missing)} (DEEPEYES_UNSAFE_SANDBOX=1)",
-                  file=sys.stderr)
-
-    def run(self, code):
-        """Run one cell. Returns stdout, stderr and images (PIL). Code that times out or dies (memory, CPU time)
-        restarts the session and says so; a reply that breaks the channel's protocol (malformed, oversized, not the
-        answer to this call: code inside the session can write to the channel) restarts it too and raises
-        SandboxError, an infrastructure error that is counted, never scored."""
-        self.sock.settimeout(self.limits["timeout"] + 5)   # the in-session alarm fires first; this is the backstop
-        nonce = os.urandom(8).hex()   # unguessable per call: a reply forged during one call cannot answer the next
-        try:
-            _send(self.sock, {"code": code, "nonce": nonce})
-            reply = _recv(self.sock)
-            if reply.get("nonce") != nonce or not isinstance(reply.get("stdout"), str) or \
-                    not isinstance(reply.get("stderr"), str):
-                raise _ProtocolError("a reply that does not answer this call")
-        except (OSError, EOFError) as e:
-            why = "timed out" if isinstance(e, socket.timeout) else "died (memory, CPU-time or output limit)"
-            self._restart()
-            return dict(stdout="", images=[], stderr=f"Error: the code {why}; the Python session was restarted, "
-                                                     f"variables were lost; image_1.. are loaded again.")
-        except (_ProtocolError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            self._restart()
-            raise SandboxError(f"the sandbox channel broke ({str(e)[:100]}); the session was restarted") from e
-        return dict(stdout=reply["stdout"][:2 * OUTPUT_LIMIT], stderr=reply["stderr"][:2 * OUTPUT_LIMIT],
-                    images=reply["images"][:MAX_IMAGES_PER_CALL])
-
-    def _restart(self):
-        self.close()
-        self.restarts += 1
-        self._start()
-
-    def close(self):
-        """Kill the session with everything it started, and remove its scratch directory."""
-        if self.sock is not None:
-            self.sock.close()
-        if self.pid:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)   # the session's whole process group
-            except ProcessLookupError:
-                pass
-        if self.scratch and os.path.isdir(self.scratch):
-            import shutil
-            shutil.rmtree(self.scratch, ignore_errors=True)
-        self.sock = self.pid = self.scratch = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
-
-def _plain(s):
-    """Tool output as text: whatever it holds, it cannot claim an image slot."""
-    return str(s).replace(IMAGE_SLOT, "")
-
-
-def format_code_result(result):
-    """The original's observation for a code call (stripped); one image slot per returned image."""
-    text = (f"Code execution result:\nstdout:\n```\n{_plain(result['stdout'])}\n```\n\n"
-            f"stderr:\n```\n{_plain(result['stderr'])}\n```\n\n")
-    if result["images"]:
-        text += "Images:\n" + IMAGE_SLOT * len(result["images"])
-    return text.strip()
-
-
-# ================================================================================================ search
-class SearchError(RuntimeError):
-    """The search backend is unreachable or broken (infrastructure, not the model's fault)."""
-
-
-def _post(path, payload, url=None, retries=3, timeout=20):
-    """POST JSON to the Serper-style endpoint with retries and exponential backoff; the key comes from the env."""
-    url = (url or SEARCH_URL).rstrip("/") + path
-    headers = {"X-API-KEY": os.environ.get("SERPER_API_KEY", ""), "Content-Type": "application/json"}
-    last = None
-    for attempt in range(retries):
-        try:
-            r = requests.post(url, json=payload, headers=headers, timeout=timeout)
-            if r.status_code < 500 and r.status_code != 429:
-                r.raise_for_status()
-                reply = r.json()
-                if not isinstance(reply, dict) or not isinstance(reply.get("organic", []), list):
-                    raise ValueError("the reply is not Serper-shaped JSON")
-                return reply
-            last = f"HTTP {r.status_code}"
-        except (requests.RequestException, ValueError) as e:
-            last = str(e).splitlines()[0][:200]
-        time.sleep(0.5 * 2 ** attempt)
-    raise SearchError(f"search backend {url} failed after {retries} tries: {last}")
-
-
-def _cached(kind, key, fetch):
-    """On-disk cache: one JSON file per query / image hash, so repeated rollouts never pay twice."""
-    path = os.path.join(CACHE_DIR, "search", kind, hashlib.sha256(key).hexdigest() + ".json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):   # not cached yet, or a corrupt entry (a crash mid-write, a full disk): fetch it
-        pass
-    value = fetch()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
-    return value
-
-
-def text_search(query, k=5, url=None, cache=True):
-    """-> (observation text, []) for a web search, formatted as the original (data/PROTOCOL.md)."""
-    fetch = lambda: _post("/search", {"q": query, "num": k}, url).get("organic", [])[:k]
-    results = _cached("text", f"{url or SEARCH_URL}|{k}|{query}".encode(), fetch) if cache else fetch()
-    results = [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
-    items = []
-    for i, r in enumerate(results, 1):
-        item = f"{i}. [{_plain(r.get('title', ''))}]({_plain(r.get('link', ''))})"
-        item += f"\nDate published: {_plain(r['date'])}" if r.get("date") else ""
-        item += "\n" + (f"\n{_plain(r['snippet'])}" if r.get("snippet") else "")
-        items.append(item)
-    text = (f"A Google search for '{_plain(query)}' found {len(results)} results:\n\n## Web Results\n"
-            + "\n\n".join(items))
-    return f"<tool_response>\n{text}\n</tool_response>", []
-
-
-def image_search(image, k=3, url=None, cache=True):
-    """-> (observation text, result images) for a reverse image search, formatted as the original."""
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG", compress_level=1)   # fast: the bytes are the cache key and payload
-    png = buf.getvalue()
-    fetch = lambda: _post("/lens", {"image_b64": base64.b64encode(png).decode(), "num": k}, url).get("organic", [])[:k]
-    results = _cached("image", (url or SEARCH_URL).encode() + png, fetch) if cache else fetch()
-    return format_image_results([(r.get("title", ""), Image.open(io.BytesIO(base64.b64decode(r["image_b64"])))
-                                  if r.get("image_b64") else None) for r in results])
-
-
-def format_image_results(results):
-    """[(title, PIL image or None)] -> (observation text, images). The original's "<image>" marks where each result
-    image goes: here an image slot."""
-    items = [f"{i}. {IMAGE_SLOT if img is not None else '(no image)'}\n[{_plain(title)}] \n"
-             for i, (title, img) in enumerate(results, 1)]
-    text = f"A Google image search for the image found {len(results)} results:\n\n## Web Results\n" + "\n\n".join(items)
-    return f"<tool_response>\n{text}\n</tool_response>", [img.convert("RGB") for _, img in results if img is not None]
-
-
-class ImageSearchCache:
-    """The original's image search: reverse-image results cached per training sample, because reverse-image APIs
-    need a public image URL. The released DeepEyesV2 search cache is one JSON file
-    {data_index: {"tool_returned_web_title": [...], "cached_images_path": [...]}}, keyed by the sample's
-    `extra_info.index` (our `id`); a result is returned when its image file exists (paths relative to the file).
-    The original ended the episode when a sample had no entry; here that is an error observation and the model goes
-    on (the reward then decides whether going on without it was right)."""
-
-    def __init__(self, path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                self.entries = json.load(f)
-        except (OSError, ValueError) as e:
-            raise SearchError(f"image-search cache {path} cannot be read: {str(e)[:200]}") from e
-        if not isinstance(self.entries, dict):
-            raise SearchError(f"image-search cache {path} is not a JSON object keyed by sample index")
-        self.root = os.path.dirname(os.path.abspath(path))
-
-    def __call__(self, key):
-        entry = self.entries.get(str(key))
-        if not isinstance(entry, dict):
-            return "Error: image search found nothing for this image.", []
-        results = []
-        for title, path in zip(entry.get("tool_returned_web_title") or [], entry.get("cached_images_path") or []):
-            path = os.path.join(self.root, str(path))
-            try:
-                results.append((str(title), Image.open(path).convert("RGB")))
-            except OSError:   # a listed image that is not there (the original skipped those too)
-                continue
-        return format_image_results(results[:MAX_IMAGES_PER_CALL])
-
-
 # ---- the embedded backend: BM25 over a JSONL corpus, nearest neighbour over an image folder ----
 def tokenize_words(text):
     return re.findall(r"[a-z0-9]+", text.lower())
@@ -710,67 +780,6 @@ def start_server_thread(corpus, image_index=None, port=0, min_image_score=-1.0):
     server = make_server(SearchIndex(corpus, image_index, min_image_score), "127.0.0.1", port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}"
-
-
-# ================================================================================================ actions
-@dataclass
-class Action:
-    kind: str          # "answer" | "code" | "search" | "image_search" | "error" | "none"
-    arg: str = ""      # the answer, the code, the query, or the error observation text
-
-
-def extract_answer(response):
-    """The final answer of a whole response, read as the original's reward reads it: the first <answer>...</answer>
-    after the last </think>, stripped (None if there is none). The one answer parser of reward, eval and rollout."""
-    tail = response.rsplit("</think>", 1)[-1]
-    start = tail.find("<answer>")
-    end = tail.find("</answer>", start) if start >= 0 else -1
-    return tail[start + len("<answer>"):end].strip() if end >= 0 else None
-
-
-def last_between(text, open_tag, close_tag):
-    """The text inside the last open_tag ... close_tag pair (None if none). str.rfind, not a regex: a policy at
-    temperature 1 can write thousands of unclosed tags, and a lazy regex is quadratic over them."""
-    end = text.rfind(close_tag)
-    start = text.rfind(open_tag, 0, end) if end >= 0 else -1
-    return text[start + len(open_tag):end] if start >= 0 else None
-
-
-def parse_action(text):
-    """What a model turn asks for. The original's precedence: answer > code > tool_call; the last match of each wins.
-    Whatever the text, this returns an Action: a malformed call is an "error" the model reads and may recover from."""
-    answer = last_between(text, "<answer>", "</answer>")
-    if answer is not None:
-        return Action("answer", answer.strip())
-    if "<code>" in text:
-        block = text.rsplit("<code>", 1)[1].split("</code>", 1)[0]
-        start = block.rfind("```python")
-        while start >= 0:   # the last closed fence (each find stops at the next fence: linear)
-            end = block.find("```", start + len("```python"))
-            if end >= 0:
-                return Action("code", block[start + len("```python"):end].lstrip())
-            start = block.rfind("```python", 0, start)
-        return Action("error", "Error: no ```python block found inside <code></code>.")
-    call = last_between(text, "<tool_call>", "</tool_call>")
-    if call is None:
-        return Action("none")
-    try:
-        call = json.loads(call.strip())
-    except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the parser's stack
-        return Action("error", f"Error: the tool call is not valid JSON ({str(e)[:200]}).")
-    if not isinstance(call, dict):
-        return Action("error", "Error: the tool call must be a JSON object with a 'name'.")
-    name, args = call.get("name"), call.get("arguments")
-    if name == "search":
-        query = args.get("query") if isinstance(args, dict) else None
-        if not isinstance(query, str) or not query.strip():
-            return Action("error", "Error: search needs {\"arguments\": {\"query\": \"...\"}}.")
-        return Action("search", query.strip())
-    if name == "image_search":
-        if args:
-            return Action("error", "Error: image_search takes no arguments; it searches the original image.")
-        return Action("image_search")
-    return Action("error", f"Error: unknown tool {str(name)[:100]!r}; the tools are 'search' and 'image_search'.")
 
 
 # ================================================================================================ bench / CLI
