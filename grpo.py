@@ -20,6 +20,7 @@ Commands:
       --prompt data/world/world_system_prompt.txt                # the CPU preset, on the miniature world
   python grpo.py --bench 7b --micro-batch 1                     # peak memory + time of a 7B GRPO step (GPU)
   python grpo.py plot runs/grpo/metrics.jsonl                   # reward, accuracy, tool calls, length, entropy
+  torchrun --nproc_per_node 8 grpo.py --model PATH --data ...   # 8 GPUs: FSDP2, whole groups per rank (README)
 """
 import argparse
 import json
@@ -67,19 +68,27 @@ def kl_k3(logp, ref_logp, mask):
 
 # ================================================================================================ the loop
 def train(args):
-    torch.manual_seed(args.seed)
+    rank, world = M.dist_init()   # torchrun: this process's rank and the number of processes; else (0, 1)
+    if world > 1 and (args.prompts % world or args.mini_batch % world or args.drop_flat_groups):
+        sys.exit(f"error: with {world} processes --prompts and --mini-batch must divide by {world} (each rank rolls "
+                 "out whole groups of an equal share), and --drop-flat-groups is single-process only")
+    torch.manual_seed(args.seed + rank)
     samples = load_prompts(args.data)
     if not samples:
         sys.exit(f"error: no usable RL prompts in {args.data}")
     ckpt = M.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
-    model, processor = M.load_model(ckpt or args.model)
+    model, processor = M.load_model(ckpt or args.model, dtype=torch.float32 if world > 1 else None)
+    sampler = model   # the rollout's model; under torchrun a full bf16 copy, as FSDP shards `model` for training
     if args.grad_ckpt:
         M.set_gradient_checkpointing(model)
     if args.freeze_embeddings:   # tied: the output projection too (why: sft.py's docstring)
         model.get_input_embeddings().weight.requires_grad_(False)
     random.Random(args.seed).shuffle(samples)   # a batch mixes sources, the same order on a resume
+    if world > 1:
+        sampler = M.load_model(ckpt or args.model)[0]
+        M.shard(model)
     opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    step = M.load_checkpoint(ckpt, opt) if ckpt else 0
+    step = M.load_checkpoint(ckpt, model, opt) if ckpt else 0
     judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
     prompt = R.load_prompt(args.prompt)   # for rows that carry no prompt of their own
     image_cache = tools.ImageSearchCache(args.image_search_cache) if args.image_search_cache else None
@@ -89,8 +98,9 @@ def train(args):
     for step in range(step, n_batches):
         t0 = time.time()
         prompts = [samples[(step * args.prompts + k) % len(samples)] for k in range(args.prompts)]
-        model.eval()
-        trajs = R.rollout(model, processor, prompts, n=args.group, temperature=args.temperature,
+        prompts = prompts[rank::world]   # torchrun: each rank rolls out whole groups of its share of the prompts
+        sampler.eval()
+        trajs = R.rollout(sampler, processor, prompts, n=args.group, temperature=args.temperature,
                           top_p=args.top_p, max_turns=args.max_turns, search_url=args.search_url,
                           max_response_tokens=args.max_response_tokens, max_turn_tokens=args.max_turn_tokens,
                           max_pixels=args.max_pixels, prompt=prompt, image_search_cache=image_cache)
@@ -109,24 +119,29 @@ def train(args):
                 t.ref_logp = lp
         t2 = time.time()
         model.train()
-        upd = grpo_update(model, opt, trajs, adv, args) if trajs else {}
-        metrics = dict(step=step + 1, **rollout_metrics, **upd, t_rollout=t1 - t0, t_reward=t2 - t1,
-                       t_update=time.time() - t2)
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        print(f"\rstep {step + 1}/{n_batches} reward {metrics['reward']:.3f} acc {metrics['acc']:.3f} "
-              f"tools {metrics['code_calls'] + metrics['search_calls'] + metrics['image_search_calls']:.2f} "
-              f"len {metrics['response_tokens']:.0f} ({time.time() - t0:.1f}s)", end="", flush=True)
+        upd = grpo_update(model, opt, trajs, adv, args, world) if trajs else {}
+        if sampler is not model:
+            M.copy_weights(model, sampler)   # the rollout's copy takes the updated weights
+        metrics = M.all_mean(dict(step=step + 1, **rollout_metrics, **upd, t_rollout=t1 - t0, t_reward=t2 - t1,
+                                  t_update=time.time() - t2), sums=("infra_errors", "non_finite_steps"))
+        if rank == 0:   # torchrun: one process writes
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            print(f"\rstep {step + 1}/{n_batches} reward {metrics['reward']:.3f} acc {metrics['acc']:.3f} "
+                  f"tools {metrics['code_calls'] + metrics['search_calls'] + metrics['image_search_calls']:.2f} "
+                  f"len {metrics['response_tokens']:.0f} ({time.time() - t0:.1f}s)", end="", flush=True)
         if (step + 1) % args.save_every == 0 or step + 1 == n_batches:
             M.save_checkpoint(args.out, model, processor, opt, step + 1)
     print()
     return model
 
 
-def grpo_update(model, opt, trajs, adv, args):
-    """One rollout batch -> len(trajs) / (mini_batch * group) optimizer steps, 1 epoch. Returns step metrics."""
+def grpo_update(model, opt, trajs, adv, args, world=1):
+    """One rollout batch -> len(trajs) / (mini_batch * group) optimizer steps, 1 epoch. Returns step metrics.
+    Under torchrun each rank holds 1/world of every mini-batch; FSDP averages the ranks' gradients of their own
+    sequence means, which is the one-GPU mean over the whole mini-batch (the shares are equal)."""
     dev = next(model.parameters()).device
-    micro, per_step = args.micro_batch, args.mini_batch * args.group
+    micro, per_step = args.micro_batch, args.mini_batch * args.group // world
     # by length within each optimizer step (the same sum, so the same step): micro-batches pad less
     order = sorted(range(len(trajs)), key=lambda k: (k // per_step, len(trajs[k].seq.ids)))
     trajs, adv = [trajs[k] for k in order], adv[order]

@@ -144,13 +144,15 @@ def encode(processor, text, images=(), max_pixels=RL_MAX_PIXELS):
     return Seq(ids, [int(t == pad_id) for t in ids], pixels, grids)
 
 
-def token_logprobs(model, seqs, temperature=1.0, with_entropy=False, chunk=2048):
+def token_logprobs(model, seqs, temperature=1.0, with_entropy=False, chunk=2048, _gathered=False):
     """Per-token log-probs [B, T-1] of seqs[b].ids[1:] under the model (one forward, right padded).
 
     Entry t scores token t+1. Padding positions hold 0. This is the training forward of SFT and GRPO, and the
     rollout's sampler log-probs must match it (test_all.py::test_rollout_logprobs_match_training_forward).
     The vocabulary projection runs `chunk` positions at a time under checkpointing: full float32 logits of a
     16k-token 7B trajectory would be 16384 x 152064 x 4 bytes = 10 GB, twice over with the log-softmax."""
+    if not _gathered and hasattr(model, "fsdp_logprobs"):   # sharded (torchrun): run as the root's forward, so
+        return model.fsdp_logprobs(seqs, temperature, with_entropy, chunk)   # FSDP gathers the weights it reads
     device = next(model.parameters()).device
     batch = collate(model, seqs, device)
     hidden = model.model(**batch, use_cache=False).last_hidden_state[:, :-1]
@@ -266,12 +268,24 @@ def save_checkpoint(out, model, processor, optimizer, step, scheduler=None):
     renamed into place; `trainer.json` is written last, so a folder holding it is complete. A crash at any point
     leaves a complete checkpoint that open_run finds (the old one, or the new one not yet renamed)."""
     import shutil
+    from torch.distributed.checkpoint.state_dict import StateDictOptions as Options, get_model_state_dict, \
+        get_optimizer_state_dict
+    # whole tensors keyed by parameter name, whatever the world size (so a checkpoint resumes at any other one),
+    # gathered by every rank to rank 0's memory; rank 0 writes
+    full = Options(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=full) if hasattr(model, "fsdp_logprobs") else None
+    if weights:   # gathered, a tied output layer is a copy of the embeddings: saved once, as save_pretrained does
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        weights = {k: v for k, v in weights.items() if not (k in tied and torch.equal(v, weights.get(tied[k])))}
+    optim = get_optimizer_state_dict(model, optimizer, options=full)
+    if rank() != 0:
+        return os.path.join(out, "checkpoint")
     final, tmp = os.path.join(out, "checkpoint"), os.path.join(out, f"checkpoint.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     processor.save_pretrained(tmp)
     processor.tokenizer.save_pretrained(tmp)
-    torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None,
+    torch.save(dict(optimizer=optim, scheduler=scheduler.state_dict() if scheduler else None,
                     step=step, rng=torch.get_rng_state()), os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "trainer.json"), "w") as f:
         json.dump({"step": step}, f)
@@ -301,6 +315,13 @@ def open_run(out, resume, overwrite=False):
     - Without --resume, refuses a folder that holds a checkpoint or metrics (--overwrite clears it): a finished run
       is never replaced by accident.
     - With --resume, drops the metrics lines of steps after the checkpoint (they are trained again)."""
+    got = [_prepare_run(out, resume, overwrite) if rank() == 0 else None]
+    if torch.distributed.is_initialized():   # torchrun: rank 0 prepares the folder, the others take its answer
+        torch.distributed.broadcast_object_list(got)
+    return got[0]
+
+
+def _prepare_run(out, resume, overwrite):
     import glob
     import shutil
     final = os.path.join(out, "checkpoint")
@@ -345,15 +366,70 @@ def _step_of(line):
         return None
 
 
-def load_checkpoint(path, optimizer, scheduler=None):
+def load_checkpoint(path, model, optimizer, scheduler=None):
     """Restore the trainer state save_checkpoint wrote in `path` (the weights load with load_model(path), which maps
-    the hub key layout); returns the step to continue from."""
+    the hub key layout; `model` names the optimizer's parameters); returns the step to continue from."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     trainer = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
+    set_optimizer_state_dict(model, optimizer, trainer["optimizer"], options=StateDictOptions(full_state_dict=True))
     if scheduler is not None and trainer["scheduler"]:
         scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"])
     return trainer["step"]
+
+
+# ------------------------------------------------------------------------------------------------ more than one GPU
+# Under torchrun (WORLD_SIZE > 1) sft.py and grpo.py shard the model with FSDP2 across the processes; a plain
+# `python sft.py` never enters this section.
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def dist_init():
+    """-> (rank, world size). Under torchrun: join the process group (NCCL on GPUs, gloo on CPU), one GPU a
+    process; otherwise (0, 1) and nothing happens."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank(), world
+
+
+def shard(model):
+    """FSDP2 over each decoder layer and vision block, then the root (embeddings, norms, output layer, projector).
+    On GPUs the weights stay float32 (sharded, with the optimizer's moments: plain fp32 AdamW fits on 8 GPUs) and
+    compute in bf16, gradients reduced in float32. The training forward (token_logprobs) becomes a forward method
+    of the root, so FSDP gathers the root's weights around it, as around model(...)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)) \
+        if torch.cuda.is_available() else {}
+    for block in [*model.model.language_model.layers, *model.model.visual.blocks]:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    model.fsdp_logprobs = functools.partial(token_logprobs, model, _gathered=True)
+    register_fsdp_forward_method(model, "fsdp_logprobs")
+    return model
+
+
+@torch.no_grad()
+def copy_weights(src, dst):
+    """dst's weights := src's, one tensor at a time (a sharded one gathered from every rank): GRPO's rollout runs on
+    a full bf16 copy of the policy, refreshed after each update."""
+    target = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        target[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+def all_mean(metrics, sums=()):
+    """Metrics averaged over the ranks (the keys in `sums` added up), before rank 0 logs them."""
+    if not torch.distributed.is_initialized():
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    world = torch.distributed.get_world_size()
+    return dict(metrics, **{k: v if k in sums else v / world for k, v in zip(keys, t.tolist())})
 
 
 # ----------------------------------------------------------------------------------------------------- training helpers
@@ -386,7 +462,8 @@ def check_args(ap, args, positive=(), fraction=()):
 def finite_step(opt, params, grad_clip):
     """Clip the gradient and step, unless it is not finite: then the step is skipped (the caller counts it), so a
     NaN never reaches the weights or a checkpoint. -> (grad norm, whether the optimizer stepped)."""
-    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)   # sharded: one global norm
     if math.isfinite(gnorm):
         opt.step()
     opt.zero_grad(set_to_none=True)
@@ -419,7 +496,7 @@ class AdamW(torch.optim.Optimizer):
         dst.copy_(src)
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):   # closure: the Optimizer interface (torch's state-dict tools pass None)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -430,8 +507,10 @@ class AdamW(torch.optim.Optimizer):
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
                 t = state["step"]
-                for i in range(0, p.numel(), self.CHUNK):   # float32 temporaries of one slice at a time
-                    view = lambda x: x.view(-1)[i:i + self.CHUNK]
+                # elementwise, so a sharded (FSDP) parameter is updated shard by shard, each on its own rank
+                local = lambda x: x.to_local() if hasattr(x, "to_local") else x
+                for i in range(0, local(p).numel(), self.CHUNK):   # float32 temporaries of one slice at a time
+                    view = lambda x: local(x).view(-1)[i:i + self.CHUNK]
                     g = view(p.grad).float()
                     m = view(state["exp_avg"]).float().lerp_(g, 1 - b1)
                     v = view(state["exp_avg_sq"]).float().mul_(b2).addcmul_(g, g, value=1 - b2)

@@ -32,6 +32,7 @@ Commands:
   python sft.py --tiny --model runs/mini/base --data data/world/sft.jsonl --out runs/sft  # the CPU preset
   python sft.py convert DeepEyesV2_SFT.json --images-root DIR --out data/sft.jsonl     # released json -> ours
   python sft.py --bench 7b                    # peak memory and tokens/s of 7B SFT steps (random weights, GPU)
+  torchrun --nproc_per_node 8 sft.py --model ... --data ... --out ...  # 8 GPUs: FSDP2 (README)
 """
 import argparse
 import json
@@ -87,42 +88,49 @@ def encode_conversation(processor, messages, images, max_pixels=M.SFT_MAX_PIXELS
 
 
 # ================================================================================================ training
-def sft_step(model, opt, sched, window, grad_clip):
+def sft_step(model, opt, sched, window, grad_clip, rank=0, world=1):
     """One optimizer step over an accumulation window of (Seq, labels): the loss is a token mean over the window."""
     n_labels = sum(sum(lab) for _, lab in window)
     total = 0.0
-    for seq, labels in window:   # batch 1: one sample per forward, as the paper
+    # torchrun: this rank's share of the window, padded with weight-0 repeats so every rank runs as many forwards;
+    # x world because FSDP averages the ranks' gradients: the sum over ranks is the one-GPU token mean
+    share = window[rank::world]
+    share = [(s, lab, world) for s, lab in share] + [(*window[0], 0)] * (-(-len(window) // world) - len(share))
+    for seq, labels, weight in share:   # batch 1: one sample per forward, as the paper
         logp = M.token_logprobs(model, [seq])[0]
         # logp[k] scores token k+1 (predicted from the tokens before it), so the labels shift by one
         mask = torch.tensor(labels[1:], dtype=logp.dtype, device=logp.device)   # <- only the model's tokens
-        loss = -(logp * mask).sum() / n_labels
+        loss = -(logp * mask).sum() / n_labels * weight
         loss.backward()
-        total += loss.item()
+        total += loss.item() / world
     gnorm, stepped = M.finite_step(opt, [p for p in model.parameters() if p.requires_grad], grad_clip)
     sched.step()   # the schedule moves on either way: a skipped step is a lost step, not a delayed one
     return total, gnorm, stepped
 
 
 def train(args):
+    rank, world = M.dist_init()   # torchrun: this process's rank and the number of processes; else (0, 1)
     torch.manual_seed(args.seed)
     data = load_conversations(args.data)
     if not data:
         sys.exit(f"error: no usable conversations in {args.data}")
     ckpt = M.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
-    model, processor = M.load_model(ckpt or args.model)
+    model, processor = M.load_model(ckpt or args.model, dtype=torch.float32 if world > 1 else None)
     if not args.unfreeze_vision:
         freeze_vision(model)
     if args.freeze_embeddings:   # tied: the output projection too
         model.get_input_embeddings().weight.requires_grad_(False)
     if args.grad_ckpt:
         M.set_gradient_checkpointing(model)
+    if world > 1:
+        M.shard(model)
     positions = order(len(data), args.epochs, args.seed)
     total = math.ceil(len(positions) / args.grad_accum)   # the schedule's length; --steps may stop earlier
     stop = min(args.steps, total)
     opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     sched = cosine_with_warmup(opt, total, max(1, round(args.warmup * total)))
-    step = M.load_checkpoint(ckpt, opt, sched) if ckpt else 0
+    step = M.load_checkpoint(ckpt, model, opt, sched) if ckpt else 0
     os.makedirs(args.out, exist_ok=True)
     skipped, bad_steps, model = 0, 0, model.train()
     for step in range(step, stop):
@@ -140,17 +148,19 @@ def train(args):
                 skipped += 1   # counted, never truncated
                 continue
             window.append((seq, labels))
-        loss, gnorm, stepped = sft_step(model, opt, sched, window, args.grad_clip) if window else \
+        loss, gnorm, stepped = sft_step(model, opt, sched, window, args.grad_clip, rank, world) if window else \
             (float("nan"), 0.0, False)
         bad_steps += bool(window) and not stepped
         dt = time.time() - t0
         tokens = sum(len(s.ids) for s, _ in window)
-        metrics = dict(step=step + 1, loss=loss, lr=sched.get_last_lr()[0], grad_norm=gnorm, tokens=tokens,
-                       tokens_per_s=tokens / dt, skipped=skipped, non_finite_steps=bad_steps, seconds=dt)
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        M.progress(step + 1, total, f"steps, loss {loss:.4f} lr {metrics['lr']:.2e} {tokens / dt:.0f} tok/s "
-                   f"skipped {skipped}")
+        metrics = M.all_mean(dict(step=step + 1, loss=loss, lr=sched.get_last_lr()[0], grad_norm=gnorm,
+                                  tokens=tokens, tokens_per_s=tokens / dt, skipped=skipped,
+                                  non_finite_steps=bad_steps, seconds=dt), sums=("loss",))
+        if rank == 0:   # torchrun: one process writes
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            M.progress(step + 1, total, f"steps, loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                       f"{tokens / dt:.0f} tok/s skipped {skipped}")
         if (step + 1) % args.save_every == 0 or step + 1 == stop:
             M.save_checkpoint(args.out, model, processor, opt, step + 1, sched)
     print()

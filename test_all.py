@@ -569,7 +569,7 @@ def test_checkpoint_is_atomic_and_resumes(tiny, tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint"] and M.checkpoint_step(str(tmp_path / "checkpoint")) == 7
     fresh, _ = M.load_model(str(tmp_path / "checkpoint"), device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(work.state_dict().values(), fresh.state_dict().values()))
-    assert M.load_checkpoint(str(tmp_path / "checkpoint"), torch.optim.AdamW(fresh.parameters(), lr=1e-3)) == 7
+    assert M.load_checkpoint(str(tmp_path / "checkpoint"), fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3)) == 7
 
 
 # ================================================================================================ sft.py
@@ -1535,3 +1535,69 @@ def test_grpo_plot_draws_the_runs_curves(tmp_path):
     assert png.endswith("metrics.png") and image.size[0] > 4 * image.size[1] > 0   # five panels side by side
     low, high = image.convert("L").getextrema()
     assert high - low > 100                                                      # something was drawn
+
+
+# ================================================================================================ more than one GPU
+def one_update_at(rank, world, path, out, port):
+    """One GRPO update and one SFT step of the tiny model on fixed data, at `world` processes (gloo, CPU), then a
+    checkpoint. Whole groups go to each rank; the SFT window of 3 leaves rank 1 a weight-0 repeat."""
+    import types
+    import grpo as G
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        M.dist_init()
+    model, processor = M.load_model(path, device="cpu")
+    answers = ["1889", "1890", "Paris", "no idea"]
+    trajs = R.rollout(model, processor, [sample("red"), sample("blue")], n=2, max_turns=1, tools_on=False,
+                      script=lambda t, turn: f"<think>{t.sample.images[0].getpixel((0, 0))}</think><answer>"
+                                             f"{answers.pop(0)}</answer><|im_end|>")
+    adv = G.group_advantages([float(t.answer == "1889") + 0.1 * len(t.answer) for t in trajs], 2)
+    mine = [k for k in range(len(trajs)) if (k // 2) % world == rank]
+    window = [S.encode_conversation(processor, [{"role": "user", "content": "<image>Colour?"},
+                                                {"role": "assistant", "content": f"<think>look</think><answer>{c}"
+                                                                                 "</answer>"}],
+                                    [Image.new("RGB", (56, 56), c)]) for c in ("red", "blue", "green")]
+    if world > 1:
+        M.shard(model)
+    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    args = types.SimpleNamespace(micro_batch=1, mini_batch=2, group=2, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+                                 kl=0.0, grad_clip=1.0)
+    grpo = G.grpo_update(model, opt, [trajs[k] for k in mine], adv[mine], args, world)
+    loss, gnorm, _ = S.sft_step(model, opt, S.cosine_with_warmup(opt, 10, 1), window, 1.0, rank, world)
+    M.save_checkpoint(out, model, processor, opt, 2)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"norms{rank}.json"), "w") as f:   # Adam hides a gradient's scale: check it here
+        json.dump(dict(grpo=grpo["grad_norm"], sft=gnorm, sft_loss=loss), f)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_train_as_one(tiny, tmp_path):
+    """torchrun's path on CPU: FSDP2 over 2 gloo processes gives the one-process weights and optimizer state after a
+    GRPO update and an SFT step, and its checkpoint (gathered, written once) resumes in one process."""
+    import socket
+    from safetensors.torch import load_file
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    one_update_at(0, 1, tiny[2], one, None)
+    torch.multiprocessing.spawn(one_update_at, args=(2, tiny[2], two, port), nprocs=2)
+    a, b = (load_file(os.path.join(d, "checkpoint", "model.safetensors")) for d in (one, two))
+    start = load_file(os.path.join(tiny[2], "model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], start[k]) for k in a)   # it trained
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    norms = [json.load(open(os.path.join(d, f"norms{r}.json"))) for d, r in ((one, 0), (two, 0), (two, 1))]
+    assert norms[0]["grpo"] == pytest.approx(norms[1]["grpo"], rel=1e-5) and norms[1]["grpo"] == norms[2]["grpo"]
+    assert norms[0]["sft"] == pytest.approx(norms[1]["sft"], rel=1e-5)
+    assert norms[0]["sft_loss"] == pytest.approx(norms[1]["sft_loss"] + norms[2]["sft_loss"], rel=1e-5)
+    model, _ = M.load_model(os.path.join(two, "checkpoint"), device="cpu")
+    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert M.load_checkpoint(os.path.join(two, "checkpoint"), model, opt, S.cosine_with_warmup(opt, 10, 1)) == 2
+    ref, _ = M.load_model(os.path.join(one, "checkpoint"), device="cpu")
+    ref_opt = M.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-3)
+    M.load_checkpoint(os.path.join(one, "checkpoint"), ref, ref_opt, S.cosine_with_warmup(ref_opt, 10, 1))
+    for p, q in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
+        assert opt.state[p]["step"] == ref_opt.state[q]["step"] == 2
+        assert torch.allclose(opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"], atol=1e-6)
