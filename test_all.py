@@ -821,6 +821,15 @@ def test_miniature_pipeline_trained_model_beats_untrained_and_its_own_no_tool_ru
     assert res["SFT+GRPO"]["accuracy"] >= res["SFT+GRPO, tools disabled"]["accuracy"] + 20
 
 
+def test_code_error_share_counts_the_code_runs_that_wrote_to_stderr():
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    import world
+    ok, bad = (T.format_code_result(dict(stdout=o, stderr=e, images=[])) for o, e in (("4\n", ""), ("", "Traceback\n")))
+    assert world.code_error_share([{"trajectory": ok + "thinking" + bad}, {"trajectory": ok}]) == pytest.approx(100 / 3)
+    assert world.code_error_share([{"trajectory": "<answer>4</answer>"}]) == 0.0
+
+
 def test_eval_loads_vlmevalkit_tsv_and_realx_jsonl(tmp_path):
     buf = __import__("io").BytesIO()
     Image.new("RGB", (30, 20), "red").save(buf, format="PNG")

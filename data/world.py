@@ -44,6 +44,7 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 
 from PIL import Image
@@ -330,8 +331,9 @@ def pretrain_recall(path, words, steps=600, seed=0):
 
 # ================================================================================================ the pipeline
 def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=3, rl_epochs=2,
-             n_sft=128, n_rl=32, n_heldout=25, new_wording=NEW_WORDING):
-    """World -> tiny model -> SFT -> GRPO -> eval on the held-out split; prints the table, returns its rows."""
+             n_sft=128, n_rl=32, n_heldout=25, new_wording=NEW_WORDING, from_base=False):
+    """World -> tiny model -> SFT -> GRPO -> eval on the held-out split; prints the table, returns its rows.
+    from_base: also GRPO straight from the base model with the same RL budget (the paper's case for a cold start)."""
     import time
     import eval as E
     import grpo as G
@@ -354,33 +356,51 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
         model, processor = M.load_model(path, device="cpu")
         rows = E.evaluate(model, processor, items, os.path.join(runs, "eval", name), batch=50, **dict(cfg, **kw))
         results[name] = E.summarize(rows, name)
+        results[name]["code_errors"] = code_error_share(rows)
 
-    for sub in ("sft", "grpo", "eval"):   # a pipeline run starts from scratch: stale checkpoints would resume
+    def grpo(start, folder):
+        G.train(G.parse_args(["--tiny", "--model", start, "--data", os.path.join(out, "rl.jsonl"),
+                              "--out", os.path.join(runs, folder), "--search-url", url, *px,
+                              "--prompt", os.path.join(out, "world_system_prompt.txt"), "--epochs", str(rl_epochs)]
+                             + (["--steps", str(rl_steps)] if rl_steps else [])))
+
+    for sub in ("sft", "grpo", "grpo-from-base", "eval"):   # a run starts from scratch: stale checkpoints would resume
         __import__("shutil").rmtree(os.path.join(runs, sub), ignore_errors=True)
     evaluate("untrained", base)
     S.train(S.parse_args(["--tiny", "--model", base, "--data", os.path.join(out, "sft.jsonl"),
                           "--out", os.path.join(runs, "sft"), *px, "--epochs", str(sft_epochs)]))
     sft_model = os.path.join(runs, "sft", "checkpoint")
     evaluate("SFT", sft_model)
-    G.train(G.parse_args(["--tiny", "--model", sft_model, "--data", os.path.join(out, "rl.jsonl"),
-                          "--out", os.path.join(runs, "grpo"), "--search-url", url, *px,
-                          "--prompt", os.path.join(out, "world_system_prompt.txt"), "--epochs", str(rl_epochs)]
-                         + (["--steps", str(rl_steps)] if rl_steps else [])))
+    grpo(sft_model, "grpo")
     evaluate("SFT+GRPO", os.path.join(runs, "grpo", "checkpoint"))
     E.report(os.path.join(runs, "eval", "SFT+GRPO"), data_root=out)   # every held-out trajectory, in a browser
     G.plot(os.path.join(runs, "grpo", "metrics.jsonl"))                 # the RL curves
     evaluate("SFT+GRPO, tools disabled", os.path.join(runs, "grpo", "checkpoint"), tools_on=False)
+    if from_base:
+        grpo(base, "grpo-from-base")
+        evaluate("GRPO from the base", os.path.join(runs, "grpo-from-base", "checkpoint"))
     print(f"\nthe miniature, held-out split ({len(items)} items), {time.time() - t0:.0f} s on this machine")
     columns = CATEGORIES + ("cold-start wording", "new wording")
-    print(f"{'model':26s} {'overall':>8s} " + " ".join(f"{c:>12s}" for c in columns) + f" {'tools/item':>11s}")
+    print(f"{'model':26s} {'overall':>8s} " + " ".join(f"{c:>12s}" for c in columns) + f" {'tools/item':>11s}"
+          f" {'code errors':>12s}")
     for name, r in results.items():
         cells = [f"{r['groups'].get(c, {}).get('accuracy', 0):{max(12, len(c))}.1f}" for c in columns]
-        print(f"{name:26s} {r['accuracy']:8.1f} " + " ".join(cells) + f" {r['tool_calls_per_item']:11.2f}")
+        print(f"{name:26s} {r['accuracy']:8.1f} " + " ".join(cells) + f" {r['tool_calls_per_item']:11.2f}"
+              f" {r['code_errors']:11.0f}%")
     print(json.dumps({name: dict(accuracy=round(r["accuracy"], 1),
                                  new_wording=round(r["groups"].get("new wording", {}).get("accuracy", 0.0), 1),
-                                 tool_calls_per_item=round(r["tool_calls_per_item"], 2))
+                                 tool_calls_per_item=round(r["tool_calls_per_item"], 2),
+                                 code_errors=round(r["code_errors"], 1))
                       for name, r in results.items()}))
     return results
+
+
+def code_error_share(rows):
+    """Percent of the code calls in these eval rows whose run wrote to stderr (a traceback: faulty code)."""
+    runs = [m.group(1).strip() for r in rows for m in re.finditer(r"Code execution result:\nstdout:\n```\n.*?```"
+                                                                    r"\n\nstderr:\n```\n(.*?)```", r["trajectory"],
+                                                                    re.S)]
+    return 100 * sum(bool(e) for e in runs) / len(runs) if runs else 0.0
 
 
 def main():
@@ -395,6 +415,8 @@ def main():
     ap.add_argument("--rl-steps", type=int, help="--pipeline: stop GRPO after this many rollout batches")
     ap.add_argument("--rl-epochs", type=float, default=2, help="--pipeline: GRPO passes over the RL prompts")
     ap.add_argument("--sft-epochs", type=float, default=3, help="--pipeline: SFT epochs")
+    ap.add_argument("--from-base", action="store_true", help="--pipeline: also GRPO from the base model with no "
+                    "SFT, same RL budget, as a row (the paper's finding that the cold start is needed)")
     ap.add_argument("--new-wording", type=float, default=NEW_WORDING,
                     help="share of RL and held-out questions worded as the cold start never shows (0: none)")
     args = ap.parse_args()
@@ -403,7 +425,7 @@ def main():
                  f"at most {(name_capacity() - 20) // 2} items per category in all")
     if args.pipeline:
         return pipeline(args.out, args.runs, args.seed, args.rl_steps, args.sft_epochs, args.rl_epochs, args.sft,
-                        args.rl, args.heldout, args.new_wording)
+                        args.rl, args.heldout, args.new_wording, args.from_base)
     build(args.out, args.seed, args.sft, args.rl, args.heldout, new_wording=args.new_wording)
 
 
