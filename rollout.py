@@ -440,7 +440,7 @@ class StaticKV:
         # the graphs read these very tensors: written in place, never replaced
         self.pos.copy_(torch.tensor([t.next_pos for t in trajs] + [0] * (self.slots - n)))
         self.len.copy_(torch.tensor([t.cached for t in trajs] + [0] * (self.slots - n)))
-        self.live = list(range(n))                       # the slot of each live row
+        self.set_live(list(range(n)))
         for s, t in enumerate(trajs):
             for (k, v), (K, V) in zip(t.cache, self.kv):
                 K[s, :, :t.cached], V[s, :, :t.cached] = k[0], v[0]
@@ -506,23 +506,26 @@ class StaticKV:
     def step(self, token):
         if self.top + 1 >= self.cap:
             self.allocate(self.top + 1)
-        live = torch.tensor(self.live, device=token.device)
-        self.tok[live] = token
-        b = self.bucket(max(self.live) + 1)
-        logits = self.run(b)[live]
+        b = self.bucket(self.live[-1] + 1)   # live slots stay in increasing order
+        self.tok[self.live_idx] = token
+        logits = self.run(b)[self.live_idx]
         self.len[:b] += 1
         self.pos[:b] += 1
         self.top += 1
         return logits
 
+    def set_live(self, slots):
+        """The slot of each live row, and the same as a tensor (made when rows leave, not at every step)."""
+        self.live, self.live_idx = slots, torch.tensor(slots, device=self.tok.device, dtype=torch.long)
+
     def keep(self, rows):
-        self.live = [self.live[r] for r in rows]
-        if rows and self.bucket(len(rows)) < self.bucket(max(self.live) + 1):   # compact: live slots to the front
-            idx = torch.tensor(self.live, device=self.tok.device)
+        self.set_live([self.live[r] for r in rows])
+        if rows and self.bucket(len(rows)) < self.bucket(self.live[-1] + 1):   # compact: live slots to the front
+            idx = self.live_idx
             for K, V in self.kv:
                 K[:len(rows)], V[:len(rows)] = K[idx], V[idx]
             self.len[:len(rows)], self.pos[:len(rows)] = self.len[idx], self.pos[idx]
-            self.live = list(range(len(rows)))
+            self.set_live(list(range(len(rows))))
         dead = sorted(set(range(self.slots)) - set(self.live))
         self.len[dead] = 0   # a dead slot writes from 0 on: it never outgrows `top`, the longest row's bound
 

@@ -881,31 +881,43 @@ def test_rollout_first_tokens_are_the_prompt_set(tiny, name):
                     f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
 
 
-@pytest.fixture
-def fake_judge():
-    """A loopback OpenAI-compatible server: records each request body, answers with the next queued reply
-    (None: HTTP 500)."""
+def loopback(answer):
+    """A throwaway HTTP server on 127.0.0.1: answer(path, request body) -> reply bytes (None: HTTP 500).
+    -> (server, its base URL)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    seen, replies = [], []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            reply = replies.pop(0) if replies else ""
-            if reply is None:
+        def reply(self):
+            data = answer(self.path, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            if data is None:
                 return self.send_error(500)
-            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+        do_GET = do_POST = reply
 
         def log_message(self, *a):
             pass
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen, replies
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def fake_judge():
+    """A loopback OpenAI-compatible server: records each request body, answers with the next queued reply
+    (None: HTTP 500)."""
+    seen, replies = [], []
+
+    def answer(path, body):
+        seen.append(json.loads(body))
+        reply = replies.pop(0) if replies else ""
+        return None if reply is None else \
+            json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+    server, base = loopback(answer)
+    yield base + "/v1", seen, replies
     server.shutdown()
 
 
@@ -1422,26 +1434,14 @@ def test_bench_all_prints_the_papers_table_and_records_each_protocol(tiny, tmp_p
 
 def test_benchmark_download_is_checked_and_cached(tmp_path, monkeypatch):
     import hashlib
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     good = open(write_tsv(tmp_path / "src.tsv", [dict(index=0, image=b64_png("red"), question="q", answer="1")]),
                 "rb").read()
     served = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            served.append(self.path)
-            body = good if self.path == "/good.tsv" else good.replace(b"q", b"Q")
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    def answer(path, body):
+        served.append(path)
+        return good if path == "/good.tsv" else good.replace(b"q", b"Q")
+    server, base = loopback(answer)
     md5 = hashlib.md5(good).hexdigest()
     monkeypatch.setitem(E.BENCHES, "OCRBench", E.vlmevalkit("OCRBench", "ocr", url=base + "/good.tsv", md5=md5))
     path = str(tmp_path / "cache" / "OCRBench.tsv")
