@@ -138,16 +138,18 @@ def summarize(rows, label):
     groups = defaultdict(list)
     for r in scored:
         for g in r["groups"]:
-            groups[g].append(r["correct"])
+            groups[g].append(r)
     acc = lambda xs: 100 * sum(xs) / len(xs) if xs else float("nan")
+    calls_per_item = lambda rs: sum(sum(r["calls"].values()) for r in rs) / max(1, len(rs))
     calls = Counter()
     for r in scored:
         calls.update({k for k, v in r["calls"].items() if v})
     summary = dict(label=label, items=len(rows), scored=len(scored), infra_errors=len(rows) - len(scored),
                    accuracy=acc([r["correct"] for r in scored]),
-                   groups={g: dict(n=len(v), accuracy=acc(v)) for g, v in sorted(groups.items())},
+                   groups={g: dict(n=len(v), accuracy=acc([r["correct"] for r in v]), tool_calls=calls_per_item(v))
+                           for g, v in sorted(groups.items())},
                    tool_rate={k: 100 * v / max(1, len(scored)) for k, v in sorted(calls.items())},
-                   tool_calls_per_item=sum(sum(r["calls"].values()) for r in scored) / max(1, len(scored)),
+                   tool_calls_per_item=calls_per_item(scored),
                    mean_turns=sum(r["turns"] for r in scored) / max(1, len(scored)))
     if any("problem" in r for r in rows):   # WeMath: the paper quotes its strict score, not plain accuracy
         summary["metric"] = ("Score (Strict)", wemath_strict(rows))
@@ -157,7 +159,7 @@ def summarize(rows, label):
           + ")")
     print(f"  {'overall':24s} {summary['accuracy']:6.1f}")
     for g, v in summary["groups"].items():
-        print(f"  {g + ' (' + str(v['n']) + ')':24s} {v['accuracy']:6.1f}")
+        print(f"  {g + ' (' + str(v['n']) + ')':24s} {v['accuracy']:6.1f}   tool calls/item {v['tool_calls']:.2f}")
     print("  tool-call rate: " + (", ".join(f"{k} {v:.0f}%" for k, v in summary["tool_rate"].items()) or "none")
           + f"; calls/item {summary['tool_calls_per_item']:.2f}; mean turns {summary['mean_turns']:.2f}")
     return summary

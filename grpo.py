@@ -145,10 +145,21 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
     # by length within each optimizer step (the same sum, so the same step): micro-batches pad less
     order = sorted(range(len(trajs)), key=lambda k: (k // per_step, len(trajs[k].seq.ids)))
     trajs, adv = [trajs[k] for k in order], adv[order]
-    old = recompute_logprobs(model, trajs, micro)
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = lambda s: world == 1 and not args.kl and not adv[s:s + per_step].any()
+    # old log-probs are the trainer's before this batch's first step: for that step, its own forward, detached
+    # (ratio exactly 1); the later steps' are recomputed now, before anything moves
+    later = [] if all(map(flat, range(per_step, len(trajs), per_step))) else trajs[per_step:]
+    old = [None] * (len(trajs) - len(later)) + recompute_logprobs(model, later, micro)
     stats = []
     for s in range(0, len(trajs), per_step):
         opt.zero_grad(set_to_none=True)
+        if flat(s):   # every advantage 0: each token's loss is 0 whatever the ratio, so is the gradient: the forward
+            for p in params:   # and backward are skipped, the optimizer steps as the original's (momentum, decay)
+                p.grad = torch.zeros_like(p)
+            stats.append(dict(clip_frac=0.0, grad_norm=M.finite_step(opt, params, args.grad_clip)[0],
+                              non_finite_steps=0.0))
+            continue
         clip, ent = [], []
         for i in range(s, min(s + per_step, len(trajs)), micro):
             chunk = trajs[i:i + micro]
@@ -158,8 +169,8 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
             for b, t in enumerate(chunk):   # tool outputs and image pads are in the context, never in the loss
                 # logp[:, k] scores token k+1 (a token is predicted from the ones before it): the mask shifts by one
                 mask[b, :len(t.action_mask) - 1] = torch.tensor(t.action_mask[1:], dtype=mask.dtype)
-            old_lp = torch.stack([torch.nn.functional.pad(old[i + b], (0, T - len(old[i + b])))
-                                  for b in range(len(chunk))]).to(dev)
+            old_lp = logp.detach() if s == 0 else torch.stack(
+                [torch.nn.functional.pad(old[i + b], (0, T - len(old[i + b]))) for b in range(len(chunk))]).to(dev)
             loss, cf = policy_loss(logp, old_lp, adv[i:i + len(chunk)].to(dev), mask, args.clip_low, args.clip_high,
                                    args.dual_clip)
             if args.kl:   # optional (off in the paper): a KL penalty to the reference model
@@ -169,10 +180,11 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
             (loss * len(chunk) / min(per_step, len(trajs) - s)).backward()   # sequences weigh the same in the mean
             clip.append(cf.item())
             ent.append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
-        gnorm, stepped = M.finite_step(opt, [p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        gnorm, stepped = M.finite_step(opt, params, args.grad_clip)
         stats.append(dict(clip_frac=sum(clip) / len(clip), entropy=sum(ent) / len(ent), grad_norm=gnorm,
                           non_finite_steps=float(not stepped)))
-    out = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
+    keys = dict.fromkeys(k for d in stats for k in d)   # entropy: only over the steps that ran a forward
+    out = {k: sum(d[k] for d in stats if k in d) / sum(k in d for d in stats) for k in keys}
     out["non_finite_steps"] = sum(d["non_finite_steps"] for d in stats)   # skipped, never applied (a count)
     return out
 

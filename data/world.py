@@ -1,12 +1,18 @@
 """data/world.py -- DeepEyesV2 in miniature: a seeded synthetic world where a tiny VLM can only succeed with tools.
 
-Four RealX-style categories, each needing a tool for real:
+Four RealX-style categories that need a tool for real, and one that does not:
   recognition   a 6-px coloured mark on a 448-px picture: invisible at the model's 112-px input, so code reads it
                 (`getcolors()` on the full-resolution `image_1`), and the model names the printed colour
   reasoning     "How many red marks are in the picture?": 6-px marks, counted by code over the full-size pixels
   search        "Which animal is the emblem of Venpe?": a fact only the local corpus holds (held-out towns never
                 appear in training, so nothing can be memorised)
   integration   a town's emblem: image search finds the town's name, then text search its animal
+  glance        "What colour is the big square?": a 384-px square, plain at 112 px; a look answers it. The expert's
+                cold start still runs an image search first on half the items (GLANCE_HABIT: strong models'
+                trajectories often call a tool they do not need); RL then shows whether GRPO learns to skip it (the
+                paper's tool calls per sample fell from ~1.45 to ~1.1 under RL). It is asked among the search data,
+                so the one term of the original's reward that touches tool use applies: a search-type answer's
+                accuracy is multiplied by 0.9 when the response holds a <tool_call> (no tool bonus, no other cost)
 The local search corpus and image index (for `python tools.py serve --min-image-score 0.95`) are generated with the
 items.
 
@@ -37,7 +43,8 @@ What made it work (each measured, teacher-forced on held-out expert trajectories
 
 Commands:
   python data/world.py                      # write data/world/ (seed 0): items, corpus, image index, SFT data
-  python data/world.py --pipeline           # the whole miniature: world, tiny model, SFT, GRPO, eval table
+  python data/world.py --pipeline           # the whole miniature: world, tiny model, SFT, GRPO (and GRPO from the
+                                            # base), eval tables, the three findings, RL curves (runs/mini/grpo)
 """
 import argparse
 import itertools
@@ -46,6 +53,7 @@ import os
 import random
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
@@ -57,24 +65,28 @@ PALETTE = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), 
            "purple": (140, 50, 170), "orange": (240, 130, 20)}
 SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sa", "bel", "dun", "mor", "ti", "zan", "pe", "gor", "li", "ash"]
 ANIMALS = ["otter", "heron", "badger", "falcon", "lynx", "beaver", "raven", "wolf"]
-CATEGORIES = ("recognition", "reasoning", "search", "integration")
-SOURCE = {"recognition": "perception", "reasoning": "reason", "search": "search", "integration": "search"}
+CATEGORIES = ("recognition", "reasoning", "search", "integration", "glance")
+SOURCE = {"recognition": "perception", "reasoning": "reason", "search": "search", "integration": "search",
+          "glance": "search"}
 COLD_QUESTION = {"recognition": "What colour is the small mark in the picture?",
                  "reasoning": "How many red marks are in the picture?",
                  "search": "Which animal is the emblem of {name}?",
-                 "integration": "Which animal is the emblem of the town with this flag?"}
+                 "integration": "Which animal is the emblem of the town with this flag?",
+                 "glance": "What colour is the big square in the picture?"}
 # Other wordings, only in the RL and held-out splits: the cold start shows one wording a category, RL data is broader
 NEW_QUESTION = {"recognition": "Name the hue of the tiny dot.",
                 "reasoning": "Count the red dots.",
                 "search": "{name}: which creature is on its crest?",
-                "integration": "This flag's town has which creature on its crest?"}
-# The miniature's own short system prompt: the full one is 217 tiny-tokenizer tokens, more than a whole trajectory
-WORLD_PROMPT = ("You are a visual agent. Think in <think> </think>, then act: run python in <code> </code>, or call "
-                "search or image_search in <tool_call> </tool_call>, or answer in <answer> </answer>.")
-WORLD_USER = ("<image>{question}\nThink inside <think> </think>, act with <code> </code> or <tool_call> </tool_call> "
-              "when needed, and put the final answer inside <answer> </answer>.")
+                "integration": "This flag's town has which creature on its crest?",
+                "glance": "The large square: which colour is it?"}
+# The miniature's own short prompts: each of their tokens is paid in every sequence of SFT, RL and eval (the full
+# system prompt is 217 tiny-tokenizer tokens, more than a whole trajectory), and a 3.8M model does not read
+# instructions: it learns the protocol from the cold start. Shortened from 92 to 41 tokens: ~20% less compute.
+WORLD_PROMPT = "You are a visual agent: think, then run python, search, search by image, or answer."
+WORLD_USER = "<image>{question}\nPut the final answer inside <answer> </answer>."
 WORLD_MAX_PIXELS = 112 * 112   # the model sees 4 x 4 visual tokens per picture: small details are lost
 IMAGE_MATCH = 0.95   # image search returns only flags this similar: one clear match, not the 3 nearest of anything
+GLANCE_HABIT = 0.5   # the share of glance trajectories in the cold start with a needless image search first
 NEW_WORDING = 0.5    # the share of RL and held-out questions in words the cold start never showed
 
 
@@ -117,6 +129,15 @@ def marked_picture(rng, colour):
     return img
 
 
+def big_square_picture(rng, colour):
+    """A 384-px square on a 448-px picture, placed anywhere it fits: at the model's 112 px it covers the middle
+    2 x 2 of its 4 x 4 visual tokens whole and most of the others (at 288 px a look named the colour half as often)."""
+    img = Image.new("RGB", (448, 448), tuple(rng.randint(150, 200) for _ in range(3)))
+    x, y = rng.randint(0, 64), rng.randint(0, 64)
+    img.paste(PALETTE[colour], (x, y, x + 384, y + 384))
+    return img
+
+
 def plain_picture(rng):
     return Image.new("RGB", (224, 224), tuple(rng.randint(120, 220) for _ in range(3)))
 
@@ -143,6 +164,9 @@ def make_items(rng, split, n, entities, emblems, out, new_wording, wording_rng):
             if cat == "recognition":
                 colour = rng.choice(sorted(PALETTE))
                 img, q, answer = marked_picture(rng, colour), asked[cat], colour
+            elif cat == "glance":
+                colour = rng.choice(sorted(PALETTE))
+                img, q, answer = big_square_picture(rng, colour), asked[cat], colour
             elif cat == "reasoning":
                 n_marks = rng.randint(1, 9)
                 img, q, answer = counting_picture(rng, n_marks), asked[cat], str(n_marks)
@@ -178,6 +202,12 @@ def expert_turns(item):
         return ["<think>The marks are too small to count by eye. I will count the red pixels with code.</think><code>\n"
                 f"```python\n{COUNT_CODE}\n```\n</code>",
                 lambda obs: f"<think>I have the count.</think><answer>{obs_value(obs)}</answer>"]
+    if cat == "glance":   # the expert sees the square; on half the items it still searches by the image first
+        look = f"<think>The square is big: I can see its colour.</think><answer>{item['answer']}</answer>"
+        if int(item["id"].rsplit("-", 1)[1]) % 4 >= 4 * GLANCE_HABIT:
+            return [look]
+        return ["<think>I will search by the image first.</think><tool_call>{\"name\": \"image_search\"}</tool_call>",
+                lambda obs: look]
     search = lambda name: f'<think>I will search for the town.</think><tool_call>{{"name": "search", ' \
                           f'"arguments": {{"query": "{name}"}}}}</tool_call>'
     answer = lambda obs: f"<think>The result names the animal.</think><answer>{animal_in(obs)}</answer>"
@@ -266,10 +296,9 @@ def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=
     url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"),
                                     min_image_score=IMAGE_MATCH)
     kept = 0
-    with open(os.path.join(out, "sft.jsonl"), "w") as f:
-        for item in splits["sft"]:
-            traj = expert_trajectory(item, out, url, "sft_images")
-            if traj:
+    with open(os.path.join(out, "sft.jsonl"), "w") as f, ThreadPoolExecutor(4) as pool:   # mostly sandbox waits
+        for traj in pool.map(lambda item: expert_trajectory(item, out, url, "sft_images"), splits["sft"]):
+            if traj:   # in item order: the same file as one at a time
                 f.write(json.dumps(dict(images=traj[1], messages=traj[0])) + "\n")
                 kept += 1
     print(f"world in {out}: {sum(len(v) for v in splits.values())} items "
@@ -293,13 +322,14 @@ def words(out):
 
 
 # ================================================================================================ the base model
-def pretrain_recall(path, words, steps=600, seed=0):
+def pretrain_recall(path, words, steps=500, seed=0):
     """Stand-in for pre-training: a synthetic recall task (5-40 random tokens in which one of `words` or a digit
     appears, then a separator, then that word). Qwen2.5-VL arrives knowing every word of its vocabulary and able to
     carry a word it has read into what it writes; a random tiny model has neither, and SFT cannot teach it for names
     it never shows (held-out towns). The task covers every world word alike (train and held-out towns, animals,
-    colours, digits) and never shows a question, a tool, a fact or an answer tag. Loss falls from 6.9 to 0.03 in
-    ~500 steps (measured); without it the tiny model copies no held-out town into its search query (0%)."""
+    colours, digits) and never shows a question, a tool, a fact or an answer tag. Loss falls from 6.9 to 0.02 in
+    ~400 steps (measured; it sits near 7 for the first 150-250); without it the tiny model copies no held-out town
+    into its search query (0%)."""
     import torch
     import model as M
     model, processor = M.load_model(path, device="cpu")
@@ -310,10 +340,10 @@ def pretrain_recall(path, words, steps=600, seed=0):
     opt = M.AdamW(model.parameters(), lr=1e-3)
     model.train()
     for step in range(steps):
-        seqs = []
+        seqs, length = [], rng.randint(5, 40)   # one length a batch: no padding (2/5 of the compute at mixed lengths)
         for _ in range(16):
             word = rng.choice(targets)
-            ids = [rng.choice(filler) for _ in range(rng.randint(5, 40))]
+            ids = [rng.choice(filler) for _ in range(length)]
             ids.insert(rng.randrange(len(ids) + 1), word)
             seqs.append(M.Seq(ids + sep + [word], [0] * (len(ids) + len(sep) + 1)))
         logp = M.token_logprobs(model, seqs)
@@ -331,8 +361,8 @@ def pretrain_recall(path, words, steps=600, seed=0):
 
 # ================================================================================================ the pipeline
 def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=3, rl_epochs=2,
-             n_sft=128, n_rl=32, n_heldout=25, new_wording=NEW_WORDING, from_base=False):
-    """World -> tiny model -> SFT -> GRPO -> eval on the held-out split; prints the table, returns its rows.
+             n_sft=96, n_rl=28, n_heldout=25, new_wording=NEW_WORDING, from_base=True):
+    """World -> tiny model -> SFT -> GRPO -> eval on the held-out split; prints the tables, returns their rows.
     from_base: also GRPO straight from the base model with the same RL budget (the paper's case for a cold start)."""
     import time
     import eval as E
@@ -340,10 +370,17 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     import model as M
     import rollout as R
     import sft as S
-    t0 = time.time()
+    clock = {"start": time.time()}   # seconds per stage, printed with the table
+
+    def lap(stage):
+        clock[stage] = time.time() - clock.pop("start")
+        clock["start"] = time.time()
+
     build(out, seed, n_sft, n_rl, n_heldout, new_wording=new_wording)
+    lap("world")
     base = M.build_tiny(os.path.join(runs, "base"), "mini", seed, corpus=texts(out), words=words(out))
     pretrain_recall(base, words(out), seed=seed)
+    lap("base")
     url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"),
                                     min_image_score=IMAGE_MATCH)
     items = E.load("toy", os.path.join(out, "heldout.jsonl"))
@@ -369,30 +406,60 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     evaluate("untrained", base)
     S.train(S.parse_args(["--tiny", "--model", base, "--data", os.path.join(out, "sft.jsonl"),
                           "--out", os.path.join(runs, "sft"), *px, "--epochs", str(sft_epochs)]))
+    lap("SFT")
     sft_model = os.path.join(runs, "sft", "checkpoint")
     evaluate("SFT", sft_model)
     grpo(sft_model, "grpo")
+    lap("GRPO")
     evaluate("SFT+GRPO", os.path.join(runs, "grpo", "checkpoint"))
     E.report(os.path.join(runs, "eval", "SFT+GRPO"), data_root=out)   # every held-out trajectory, in a browser
     G.plot(os.path.join(runs, "grpo", "metrics.jsonl"))                 # the RL curves
     evaluate("SFT+GRPO, tools disabled", os.path.join(runs, "grpo", "checkpoint"), tools_on=False)
+    lap("evals")
     if from_base:
         grpo(base, "grpo-from-base")
         evaluate("GRPO from the base", os.path.join(runs, "grpo-from-base", "checkpoint"))
-    print(f"\nthe miniature, held-out split ({len(items)} items), {time.time() - t0:.0f} s on this machine")
+        lap("GRPO from the base")
+    clock.pop("start")
+    print(f"\nthe miniature, held-out split ({len(items)} items), {sum(clock.values()):.0f} s on this machine ("
+          + ", ".join(f"{k} {v:.0f} s" for k, v in clock.items()) + ")")
+    print_tables(results)
+    return results
+
+
+def print_tables(results):
+    """Accuracy by category and wording, tool calls by category, the three findings' verdicts, then one JSON line."""
     columns = CATEGORIES + ("cold-start wording", "new wording")
-    print(f"{'model':26s} {'overall':>8s} " + " ".join(f"{c:>12s}" for c in columns) + f" {'tools/item':>11s}"
+    group = lambda r, c, key: r["groups"].get(c, {}).get(key, 0.0)
+    print(f"{'accuracy':26s} {'overall':>8s} " + " ".join(f"{c:>12s}" for c in columns) + f" {'tools/item':>11s}"
           f" {'code errors':>12s}")
     for name, r in results.items():
-        cells = [f"{r['groups'].get(c, {}).get('accuracy', 0):{max(12, len(c))}.1f}" for c in columns]
+        cells = [f"{group(r, c, 'accuracy'):{max(12, len(c))}.1f}" for c in columns]
         print(f"{name:26s} {r['accuracy']:8.1f} " + " ".join(cells) + f" {r['tool_calls_per_item']:11.2f}"
               f" {r['code_errors']:11.0f}%")
+    print(f"{'tool calls / item':26s} " + " ".join(f"{c:>12s}" for c in CATEGORIES))
+    for name, r in results.items():
+        print(f"{name:26s} " + " ".join(f"{group(r, c, 'tool_calls'):12.2f}" for c in CATEGORIES))
+    sft, rl = results["SFT"], results["SFT+GRPO"]
+    needed = [c for c in CATEGORIES if c != "glance"]
+    print("finding 1, the cold start: " + (f"GRPO from the base {results['GRPO from the base']['accuracy']:.0f}% "
+          f"({results['GRPO from the base']['tool_calls_per_item']:.2f} tool calls/item) vs SFT+GRPO "
+          f"{rl['accuracy']:.0f}%" if "GRPO from the base" in results else "not run (--no-from-base)"))
+    print(f"finding 2, selective tools: glance calls/item {group(sft, 'glance', 'tool_calls'):.2f} -> "
+          f"{group(rl, 'glance', 'tool_calls'):.2f} (accuracy {group(sft, 'glance', 'accuracy'):.0f} -> "
+          f"{group(rl, 'glance', 'accuracy'):.0f}); the tool-needing categories' accuracy "
+          f"{sum(group(sft, c, 'accuracy') for c in needed) / len(needed):.1f} -> "
+          f"{sum(group(rl, c, 'accuracy') for c in needed) / len(needed):.1f}")
+    print(f"finding 3, what GRPO adds: new wording {group(sft, 'new wording', 'accuracy'):.1f} -> "
+          f"{group(rl, 'new wording', 'accuracy'):.1f}, overall {sft['accuracy']:.1f} -> {rl['accuracy']:.1f}")
     print(json.dumps({name: dict(accuracy=round(r["accuracy"], 1),
-                                 new_wording=round(r["groups"].get("new wording", {}).get("accuracy", 0.0), 1),
+                                 new_wording=round(group(r, "new wording", "accuracy"), 1),
                                  tool_calls_per_item=round(r["tool_calls_per_item"], 2),
-                                 code_errors=round(r["code_errors"], 1))
+                                 code_errors=round(r["code_errors"], 1),
+                                 by_category={c: dict(accuracy=round(group(r, c, "accuracy"), 1),
+                                                      tool_calls=round(group(r, c, "tool_calls"), 2))
+                                              for c in CATEGORIES})
                       for name, r in results.items()}))
-    return results
 
 
 def code_error_share(rows):
@@ -407,16 +474,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "world"), help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="world seed")
-    ap.add_argument("--sft", type=int, default=128, help="SFT items per category")
-    ap.add_argument("--rl", type=int, default=32, help="RL prompts per category")
+    ap.add_argument("--sft", type=int, default=96, help="SFT items per category")
+    ap.add_argument("--rl", type=int, default=28, help="RL prompts per category")
     ap.add_argument("--heldout", type=int, default=25, help="held-out items per category")
     ap.add_argument("--pipeline", action="store_true", help="then train and evaluate the tiny model end to end")
     ap.add_argument("--runs", default="runs/mini", help="--pipeline: folder of its models and evaluations")
     ap.add_argument("--rl-steps", type=int, help="--pipeline: stop GRPO after this many rollout batches")
     ap.add_argument("--rl-epochs", type=float, default=2, help="--pipeline: GRPO passes over the RL prompts")
     ap.add_argument("--sft-epochs", type=float, default=3, help="--pipeline: SFT epochs")
-    ap.add_argument("--from-base", action="store_true", help="--pipeline: also GRPO from the base model with no "
-                    "SFT, same RL budget, as a row (the paper's finding that the cold start is needed)")
+    ap.add_argument("--from-base", action=argparse.BooleanOptionalAction, default=True, help="--pipeline: also "
+                    "GRPO from the base model with no SFT, same RL budget, as a row (the paper's finding that the "
+                    "cold start is needed; --no-from-base skips it)")
     ap.add_argument("--new-wording", type=float, default=NEW_WORDING,
                     help="share of RL and held-out questions worded as the cold start never shows (0: none)")
     args = ap.parse_args()
