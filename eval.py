@@ -153,11 +153,12 @@ def summarize(rows, label):
                    mean_turns=sum(r["turns"] for r in scored) / max(1, len(scored)))
     if any("problem" in r for r in rows):   # WeMath: the paper quotes its strict score, not plain accuracy
         summary["metric"] = ("Score (Strict)", wemath_strict(rows))
-        print(f"  {'Score (Strict)':24s} {summary['metric'][1]:6.1f}")
     print(f"{label} ({len(scored)} items scored" + (f", {summary['infra_errors']} with infrastructure errors, "
                                                    "not scored: rerun to retry" if summary["infra_errors"] else "")
           + ")")
     print(f"  {'overall':24s} {summary['accuracy']:6.1f}")
+    if "metric" in summary:
+        print(f"  {summary['metric'][0]:24s} {summary['metric'][1]:6.1f}")
     for g, v in summary["groups"].items():
         print(f"  {g + ' (' + str(v['n']) + ')':24s} {v['accuracy']:6.1f}   tool calls/item {v['tool_calls']:.2f}")
     print("  tool-call rate: " + (", ".join(f"{k} {v:.0f}%" for k, v in summary["tool_rate"].items()) or "none")

@@ -1422,7 +1422,7 @@ def test_each_loader_reads_its_published_format_and_scores_gold_as_right(bench, 
     assert "Get it from" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_wemath_reports_its_strict_score_over_composite_problems():
+def test_wemath_reports_its_strict_score_over_composite_problems(capsys):
     """VLMEvalKit's four categories: all parts right + multi wrong = IG (-0.5), a part wrong + multi wrong = IK (-1),
     a part wrong + multi right = RM (-1, strict), all right = CM; a problem with a part missing is left out."""
     row = lambda pid, key, ok, infra=False: dict(problem=[pid, key], correct=float(ok), infra_error=infra)
@@ -1434,6 +1434,8 @@ def test_wemath_reports_its_strict_score_over_composite_problems():
     assert E.wemath_strict(rows) == pytest.approx(100 * (4 - 0.5 - 1 - 1) / 4)
     summary = E.summarize([dict(r, id=str(i), groups=["all"], calls={}, turns=1) for i, r in enumerate(rows)], "w")
     assert summary["metric"] == ("Score (Strict)", pytest.approx(37.5))
+    printed = capsys.readouterr().out.splitlines()   # under the table's title, after the plain accuracy
+    assert printed[0].startswith("w (") and printed[2].split() == ["Score", "(Strict)", "37.5"]
 
 
 def test_judge_maps_a_free_answer_to_an_option_and_its_outage_is_retried(fake_judge, tiny, tmp_path):
