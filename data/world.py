@@ -86,7 +86,7 @@ WORLD_PROMPT = "You are a visual agent: think, then run python, search, search b
 WORLD_USER = "<image>{question}\nPut the final answer inside <answer> </answer>."
 WORLD_MAX_PIXELS = 112 * 112   # the model sees 4 x 4 visual tokens per picture: small details are lost
 IMAGE_MATCH = 0.95   # image search returns only flags this similar: one clear match, not the 3 nearest of anything
-GLANCE_HABIT = 0.5   # the share of glance trajectories in the cold start with a needless image search first
+GLANCE_HABIT = 0.5   # the share (in quarters) of glance trajectories in the cold start with a needless search first
 NEW_WORDING = 0.5    # the share of RL and held-out questions in words the cold start never showed
 
 
