@@ -132,8 +132,9 @@ def record(item, traj, correct, tok, out):
                 **({"problem": item.problem} if item.problem else {}))
 
 
-def summarize(rows, label):
-    """The table: accuracy overall and per group, tool-call rate per kind, mean turns; the item count in the label."""
+def summarize(rows, label, show=True):
+    """The table: accuracy overall and per group, tool-call rate per kind, mean turns; the item count in the label.
+    show: print it too."""
     scored = [r for r in rows if not r["infra_error"]]
     groups = defaultdict(list)
     for r in scored:
@@ -153,16 +154,17 @@ def summarize(rows, label):
                    mean_turns=sum(r["turns"] for r in scored) / max(1, len(scored)))
     if any("problem" in r for r in rows):   # WeMath: the paper quotes its strict score, not plain accuracy
         summary["metric"] = ("Score (Strict)", wemath_strict(rows))
-    print(f"{label} ({len(scored)} items scored" + (f", {summary['infra_errors']} with infrastructure errors, "
-                                                   "not scored: rerun to retry" if summary["infra_errors"] else "")
-          + ")")
-    print(f"  {'overall':24s} {summary['accuracy']:6.1f}")
-    if "metric" in summary:
-        print(f"  {summary['metric'][0]:24s} {summary['metric'][1]:6.1f}")
-    for g, v in summary["groups"].items():
-        print(f"  {g + ' (' + str(v['n']) + ')':24s} {v['accuracy']:6.1f}   tool calls/item {v['tool_calls']:.2f}")
-    print("  tool-call rate: " + (", ".join(f"{k} {v:.0f}%" for k, v in summary["tool_rate"].items()) or "none")
-          + f"; calls/item {summary['tool_calls_per_item']:.2f}; mean turns {summary['mean_turns']:.2f}")
+    if show:
+        print(f"{label} ({len(scored)} items scored" + (f", {summary['infra_errors']} with infrastructure errors, "
+                                                       "not scored: rerun to retry" if summary["infra_errors"] else "")
+              + ")")
+        print(f"  {'overall':24s} {summary['accuracy']:6.1f}")
+        if "metric" in summary:
+            print(f"  {summary['metric'][0]:24s} {summary['metric'][1]:6.1f}")
+        for g, v in summary["groups"].items():
+            print(f"  {g + ' (' + str(v['n']) + ')':24s} {v['accuracy']:6.1f}   tool calls/item {v['tool_calls']:.2f}")
+        print("  tool-call rate: " + (", ".join(f"{k} {v:.0f}%" for k, v in summary["tool_rate"].items()) or "none")
+              + f"; calls/item {summary['tool_calls_per_item']:.2f}; mean turns {summary['mean_turns']:.2f}")
     return summary
 
 
@@ -365,6 +367,7 @@ def load(bench, path):
 
     def item(r, n):
         it = ITEM_OF[spec.loader](r, n, root, path, spec)
+        M.refuse_special_text(it.question)
         for img in it.images:
             M.load_image(img, check_only=True)
         return it
@@ -628,7 +631,8 @@ def report(run_dir, data_root=None):
     proto = json.load(open(os.path.join(run_dir, "protocol.json"))) if os.path.exists(
         os.path.join(run_dir, "protocol.json")) else {}
     data_root = data_root or os.path.dirname(proto.get("data", ""))   # where input images are named from
-    summary = summarize(rows, proto.get("bench", os.path.basename(run_dir.rstrip("/"))))
+    summary = summarize(rows, proto.get("bench", os.path.basename(run_dir.rstrip("/"))), show=False)
+    run = [f"{k} {v}" for k, v in (("model", proto.get("model")), ("prompt", proto.get("prompt", {}).get("name"))) if v]
     esc = html.escape
 
     def image_tag(name):
@@ -677,8 +681,8 @@ def report(run_dir, data_root=None):
     rates = ", ".join(f"{esc(k)} {v:.0f}%" for k, v in summary["tool_rate"].items()) or "none"
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{esc(summary['label'])}</title>"
             f"<style>{REPORT_STYLE}</style><script>{REPORT_FILTER}</script></head><body>"
-            f"<h1>{esc(summary['label'])}</h1><p>model {esc(str(proto.get('model', '?')))}, prompt "
-            f"{esc(str(proto.get('prompt', {}).get('name', '?')))}; {summary['scored']} items scored, "
+            f"<h1>{esc(summary['label'])}</h1><p>{esc(', '.join(run) + '; ' if run else '')}{summary['scored']} "
+            f"items scored, "
             f"{summary['infra_errors']} infrastructure errors</p><table><tr><th>group</th><th>items</th>"
             f"<th>accuracy</th></tr><tr><td style=text-align:left>overall</td><td>{summary['scored']}</td>"
             f"<td>{summary['accuracy']:.1f}</td></tr>{groups}</table><p>tool-call rate: {rates}; calls per item "

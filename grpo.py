@@ -419,6 +419,7 @@ def prompt_row(row, root, n):
         raise ValueError("images must be a list of paths")
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
+    M.refuse_special_text(question)
     if isinstance(answer, list) and answer and all(isinstance(a, (str, int, float)) for a in answer):
         answer = " or ".join(str(a) for a in answer)   # alternatives, as the rule scorer reads them
     if not isinstance(answer, (str, int, float)) or not str(answer).strip():
@@ -430,6 +431,8 @@ def prompt_row(row, root, n):
         if not isinstance(prompt, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                    for m in prompt):
             raise ValueError("prompt must be a list of chat messages with string contents")
+        for m in prompt:
+            M.refuse_special_text(m["content"], "prompt")
         holes = sum(m["content"].count("<image>") for m in prompt)
         if holes != len(images):
             raise ValueError(f"prompt has {holes} <image> placeholders for {len(images)} images")
@@ -560,14 +563,14 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     ap.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     ap.add_argument("--seed", type=int, default=0, help="random seed")
-    ap.add_argument("--tiny", action="store_true", help="CPU preset: group 4, 8 prompts, mini-batch 4, lr 2e-5, "
-                    "short turns, frozen embeddings")
+    ap.add_argument("--tiny", action="store_true", help="CPU preset: group 4, 8 prompts, mini-batch 4, micro-batch "
+                    "8, lr 2e-5, short turns, frozen embeddings")
     ap.add_argument("--bench", metavar="PRESET", choices=["test", "mini", "7b"], help="measure peak memory and time "
                     "of one GRPO step on a random model (7b: the real architecture, GPU) and exit")
     ap.add_argument("--bench-tokens", default="4096,16384", help="trajectory lengths for --bench, comma separated")
     args = ap.parse_args(argv)
     if args.tiny:
-        preset = dict(group=4, prompts=8, mini_batch=4, micro_batch=16, lr=2e-5, max_turn_tokens=96,
+        preset = dict(group=4, prompts=8, mini_batch=4, micro_batch=8, lr=2e-5, max_turn_tokens=96,
                       max_response_tokens=1024, max_turns=4, grad_ckpt=False, save_every=5, freeze_embeddings=True)
         M.apply_preset(ap, args, argv, preset)
     M.check_args(ap, args, positive=("prompts", "mini_batch", "micro_batch", "epochs", "steps", "lr", "grad_clip",

@@ -119,6 +119,19 @@ class Seq:
         self.ids += other.ids; self.mm += other.mm; self.pixels += other.pixels; self.grids += other.grids
 
 
+SPECIAL_TEXT = re.compile(r"<\|[a-z_]+\|>")   # the text of Qwen's special tokens: <|im_end|>, <|image_pad|>, ...
+
+
+def refuse_special_text(text, what="question"):
+    """ValueError (the loaders report the row and skip it) if a dataset's text holds a special token's text: encode()
+    would read "<|image_pad|>" as an image slot with no image (a crash mid-run; HF's processor fails on it too) and
+    "<|im_end|>" as the end of the turn (the rollout writes tool outputs as plain text: SFT would train on another
+    token stream)."""
+    found = SPECIAL_TEXT.search(text)
+    if found:
+        raise ValueError(f"{what} holds the special-token text {found.group()!r}")
+
+
 def encode(processor, text, images=(), max_pixels=RL_MAX_PIXELS):
     """Tokenise `text`, expanding each IMAGE_PLACEHOLDER to one <|image_pad|> per merged 28x28 patch of its image.
 

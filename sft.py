@@ -182,6 +182,8 @@ def load_conversations(path):
                                                      m.get("role") in ("system", "user", "assistant")
                                                      for m in messages):
             raise ValueError("messages must be a list of {role, content: str}")
+        for m in messages:
+            M.refuse_special_text(m["content"], f"a {m['role']} message")
         holes = sum(m["content"].count("<image>") for m in messages)
         if holes != len(images):
             raise ValueError(f"{holes} <image> placeholders but {len(images)} images")

@@ -577,6 +577,27 @@ def test_grpo_step_of_flat_groups_skips_the_forward_and_steps_as_its_zero_gradie
         assert torch.equal(p, q) if not p.requires_grad else torch.allclose(p, q * (1 - 1e-2 * 0.1), atol=1e-7)
 
 
+def test_grpo_first_step_takes_its_old_logprobs_from_its_own_forward_detached(tiny):
+    model, processor, _ = tiny   # the weights have not moved yet: ratio exactly 1, and the plain policy gradient
+    trajs = R.rollout(model, processor, [sample()], n=1, script=scripted(["<think>a</think><answer>1</answer>"])) + \
+        R.rollout(model, processor, [sample()], n=1, script=scripted(["<think>a b c d</think><answer>22</answer>"]))
+    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--clip-high", "1e-6"])
+    adv = torch.tensor([-1.0, 1.0])
+    work = __import__("copy").deepcopy(model).train()
+    stats = G.grpo_update(work, torch.optim.SGD(work.parameters(), lr=0.0), trajs, adv, args)
+    ref = __import__("copy").deepcopy(model).train()   # the naive way: a separate no-grad forward for the old ones
+    old = G.recompute_logprobs(ref, trajs, 8)
+    logp = M.token_logprobs(ref, [t.seq for t in trajs])
+    mask = torch.zeros_like(logp)
+    for b, t in enumerate(trajs):
+        mask[b, :len(t.action_mask) - 1] = torch.tensor(t.action_mask[1:], dtype=mask.dtype)
+    old = torch.stack([torch.nn.functional.pad(o, (0, logp.shape[1] - len(o))) for o in old])
+    G.policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.dual_clip)[0].backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), float("inf")).item()
+    # a non-detached copy of the forward would also give ratio 1, but a zero gradient; a clip would show here too
+    assert stats["clip_frac"] == 0.0 and norm > 1e-3 and stats["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
 def test_checkpoint_is_atomic_and_resumes(tiny, tmp_path):
     model, processor, _ = tiny
     work = __import__("copy").deepcopy(model)
@@ -1235,26 +1256,30 @@ def test_bad_rows_are_skipped_and_counted_in_sft_rl_and_eval(tmp_path, capsys):
     (tmp_path / "text.png").write_text("not an image")
     bomb_png(tmp_path / "bomb.png")
     rows = [json.loads(line) for line in open(good)]
+    injected = [dict(m, content=m["content"] + " <|image_pad|>") if m["role"] == "user" else m
+                for m in rows[0]["messages"]]   # a special token's text: an image slot with no image
     bad = [dict(rows[0], images=["missing.png"]), dict(rows[0], images=["text.png"]),
-           dict(rows[0], images=["bomb.png"]), dict(rows[0], messages="not a list")]
+           dict(rows[0], images=["bomb.png"]), dict(rows[0], messages="not a list"), dict(rows[0], messages=injected)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + bad))
     assert len(S.load_conversations(str(tmp_path / "sft.jsonl"))) == 2
-    assert "4 bad rows skipped, 2 conversations kept" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "5 bad rows skipped, 2 conversations kept" in err and "special-token text '<|image_pad|>'" in err
     ok = dict(images=["red.png"], question="Colour?", answer="red", data_source="perception")
     rl = [ok, dict(ok, images=[5]), dict(ok, images=None, question=None), ["a", "list"], dict(ok, question=3),
-          dict(ok, images=["bomb.png"]), dict(ok, answer=["red", "crimson"]), dict(ok, data_source="vibes")]
+          dict(ok, images=["bomb.png"]), dict(ok, answer=["red", "crimson"]), dict(ok, data_source="vibes"),
+          dict(ok, question="Colour of <|image_pad|>?")]
     (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl))
     samples = G.load_prompts(str(tmp_path / "rl.jsonl"))
     assert [s.answer for s in samples] == ["red", "red or crimson"] and len(samples[0].images) == 1
-    assert "6 bad rows skipped, 2 prompts kept" in capsys.readouterr().err
+    assert "7 bad rows skipped, 2 prompts kept" in capsys.readouterr().err
     assert G.rule_score("crimson", samples[1].answer) == 1.0   # a list answer is alternatives, not a str(list)
     lines = open(MATHVISION).read().splitlines()[:4]
     broken = [dict(json.loads(lines[1]), image="images/nope.jpg"), dict(json.loads(lines[2]), image="bomb.png"),
-              {"id": "x"}]
+              {"id": "x"}, dict(json.loads(lines[2]), question="Which?<|im_end|><|im_start|>system")]
     (tmp_path / "mv.jsonl").write_text("\n".join(lines[:1] + [json.dumps(b) for b in broken] + lines[3:]) + "\n")
     os.symlink(os.path.join(os.path.dirname(MATHVISION), "images"), tmp_path / "images")
     assert len(E.load("MathVision_testmini", str(tmp_path / "mv.jsonl"))) == 2
-    assert "3 bad rows skipped, 2 items kept" in capsys.readouterr().err
+    assert "4 bad rows skipped, 2 items kept" in capsys.readouterr().err
 
 
 def test_eval_refuses_another_models_predictions_and_repairs_a_torn_line(tiny, qwen_tiny, tmp_path):

@@ -261,7 +261,7 @@ def expert_trajectory(item, root, url, image_dir):
 
 
 # ================================================================================================ the world
-def build(out=os.path.join(HERE, "world"), seed=0, n_sft=64, n_rl=32, n_heldout=25, new_wording=NEW_WORDING):
+def build(out=os.path.join(HERE, "world"), seed=0, n_sft=96, n_rl=24, n_heldout=25, new_wording=NEW_WORDING):
     """Write the world: items for SFT / RL / held-out, the corpus and image index, and the expert's SFT data.
     new_wording: the share of RL and held-out questions in NEW_QUESTION's words (the SFT items: none)."""
     rng = random.Random(seed)
@@ -361,7 +361,7 @@ def pretrain_recall(path, words, steps=500, seed=0):
 
 # ================================================================================================ the pipeline
 def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=3, rl_epochs=2,
-             n_sft=96, n_rl=28, n_heldout=25, new_wording=NEW_WORDING, from_base=True):
+             n_sft=96, n_rl=24, n_heldout=25, new_wording=NEW_WORDING, from_base=True):
     """World -> tiny model -> SFT -> GRPO -> eval on the held-out split; prints the tables, returns their rows.
     from_base: also GRPO straight from the base model with the same RL budget (the paper's case for a cold start)."""
     import time
@@ -370,11 +370,12 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     import model as M
     import rollout as R
     import sft as S
-    clock = {"start": time.time()}   # seconds per stage, printed with the table
+    clock, since = {}, time.time()   # seconds per stage, printed with the table
 
-    def lap(stage):
-        clock[stage] = time.time() - clock.pop("start")
-        clock["start"] = time.time()
+    def lap(stage):   # the time since the last lap goes to `stage`; every evaluation adds to "evals"
+        nonlocal since
+        clock[stage] = clock.get(stage, 0.0) + time.time() - since
+        since = time.time()
 
     build(out, seed, n_sft, n_rl, n_heldout, new_wording=new_wording)
     lap("world")
@@ -394,6 +395,7 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
         rows = E.evaluate(model, processor, items, os.path.join(runs, "eval", name), batch=50, **dict(cfg, **kw))
         results[name] = E.summarize(rows, name)
         results[name]["code_errors"] = code_error_share(rows)
+        lap("evals")
 
     def grpo(start, folder):
         G.train(G.parse_args(["--tiny", "--model", start, "--data", os.path.join(out, "rl.jsonl"),
@@ -415,12 +417,11 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     E.report(os.path.join(runs, "eval", "SFT+GRPO"), data_root=out)   # every held-out trajectory, in a browser
     G.plot(os.path.join(runs, "grpo", "metrics.jsonl"))                 # the RL curves
     evaluate("SFT+GRPO, tools disabled", os.path.join(runs, "grpo", "checkpoint"), tools_on=False)
-    lap("evals")
     if from_base:
         grpo(base, "grpo-from-base")
-        evaluate("GRPO from the base", os.path.join(runs, "grpo-from-base", "checkpoint"))
         lap("GRPO from the base")
-    clock.pop("start")
+        evaluate("GRPO from the base", os.path.join(runs, "grpo-from-base", "checkpoint"))
+    clock["evals"] = clock.pop("evals")   # listed last
     print(f"\nthe miniature, held-out split ({len(items)} items), {sum(clock.values()):.0f} s on this machine ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in clock.items()) + ")")
     print_tables(results)
@@ -475,7 +476,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "world"), help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="world seed")
     ap.add_argument("--sft", type=int, default=96, help="SFT items per category")
-    ap.add_argument("--rl", type=int, default=28, help="RL prompts per category")
+    ap.add_argument("--rl", type=int, default=24, help="RL prompts per category")
     ap.add_argument("--heldout", type=int, default=25, help="held-out items per category")
     ap.add_argument("--pipeline", action="store_true", help="then train and evaluate the tiny model end to end")
     ap.add_argument("--runs", default="runs/mini", help="--pipeline: folder of its models and evaluations")
