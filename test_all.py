@@ -1523,7 +1523,7 @@ def test_benchmark_download_is_checked_and_cached(tmp_path, monkeypatch):
     server.shutdown()
 
 
-def test_report_shows_every_turn_in_order_with_images_and_escapes_the_model(tiny, tmp_path):
+def test_report_shows_every_turn_in_order_with_images_and_escapes_the_model(tiny, tmp_path, capsys):
     model, processor, _ = tiny
     items = E.load("MathVision_testmini", MATHVISION)[:2]
     crop = ("<think>zoom <script>alert(1)</script></think><code>\n```python\nimage_1.crop((0, 0, 20, 20)).show()\n"
@@ -1533,7 +1533,10 @@ def test_report_shows_every_turn_in_order_with_images_and_escapes_the_model(tiny
     E.evaluate(model, processor, items, str(tmp_path), script=script, **dict(TINY_EVAL, max_turn_tokens=96))
     json.dump({"bench": "MathVision_testmini", "data": MATHVISION, "model": "tiny", "prompt": {"name": "agent"}},
               open(tmp_path / "protocol.json", "w"))
+    capsys.readouterr()
     page = open(E.main(["report", str(tmp_path)]), encoding="utf-8").read()
+    assert "items scored" not in capsys.readouterr().out   # the summary is eval's to print, not the report's again
+    assert "<p>model tiny, prompt agent; 2 items scored" in page
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     start = page.index(f"<h3>{items[0].id} ")
     card = page[start:page.find('<div class="card', start) % (len(page) + 1)]
@@ -1542,6 +1545,8 @@ def test_report_shows_every_turn_in_order_with_images_and_escapes_the_model(tiny
     assert [card.index(word) for word in order] == sorted(card.index(word) for word in order)
     assert card.count("<img src=\"data:image/png;base64,") == 2          # the input image and the crop it showed
     assert page.count('class="card ') == 2 and "<option value=wrong>" in page and "http" not in page.split("<body>")[1]
+    os.remove(tmp_path / "protocol.json")   # a run without its protocol (the miniature's evals): no "model ?"
+    assert "<p>2 items scored" in open(E.report(str(tmp_path), data_root=os.path.dirname(MATHVISION))).read()
 
 
 # ================================================================================================ rollout at scale
