@@ -270,6 +270,16 @@ MME_CHOICES = ("Select the best answer to the above multiple-choice question bas
                "the letter (A, B, C, D, or E) of the correct option. \nThe best answer is:")
 
 
+def gold_answers(value):
+    """A row's accepted answers as strings. An empty, missing or non-text answer makes a bad row (reported, skipped,
+    counted): scored, a constant reply would count as right on it, and a judge would be asked about "None"."""
+    answers = [a.strip() if isinstance(a, str) else a for a in listed(value)]
+    if any(isinstance(a, bool) or not isinstance(a, (str, int, float)) or a != a for a in answers) or \
+            all(a == "" for a in answers):   # a != a: NaN, pandas' empty cell
+        raise ValueError(f"the answer {str(value)[:60]!r} is empty, missing or not text")
+    return [str(a) for a in answers if a != ""]
+
+
 def tsv_item(r, n, root, path, bench):
     """A VLMEvalKit TSV row: index, image (base64, or a list), question, A.. options, answer, category, hint.
     MME-RealWorld lists its options as "(A) text" in one column and asks in its own words (VLMEvalKit's
@@ -280,7 +290,7 @@ def tsv_item(r, n, root, path, bench):
                  + "\n".join(listed(r["multi-choice options"])) + "\n" + MME_CHOICES)
     else:
         options = [r[c] for c in LETTERS if r.get(c) not in (None, "", "nan")]
-    answers = [str(a).strip() for a in listed(r["answer"])]
+    answers = gold_answers(r["answer"])
     if options and answers[0] in options and not re.fullmatch(r"[A-H]", answers[0]):
         answers = [LETTERS[options.index(answers[0])]]   # the gold given as the option's text
     images = [base64.b64decode(b, validate=True) for b in listed(r["image"])]
@@ -295,7 +305,8 @@ def tsv_item(r, n, root, path, bench):
 def realx_item(r, n, root, path, bench):
     flags = [f for f in ("perception", "search", "reason") if int(r.get(f) or 0)]
     img = r["image"]["bytes"] if isinstance(r.get("image"), dict) else os.path.join(root, r["image"])
-    return Item(str(r.get("id", n)), r["query"], [a.strip() for a in str(r["answer"]).split(" or ")], [img],
+    answers = [a.strip() for a in gold_answers(r["answer"])[0].split(" or ")]
+    return Item(str(r.get("id", n)), r["query"], answers, [img],
                 flags + (["integration"] if len(flags) == 3 else []),
                 data_source="search" if "search" in flags else "reason",
                 image_paths=[r["image"] if isinstance(r["image"], str) else f"{path}#{n}"])
@@ -305,8 +316,9 @@ def search_item(r, n, root, path, bench):
     """A search-benchmark row: question (or query / prompt), answer (a string or a list) plus aliases, and an image
     (bytes, a {bytes} struct, base64, or a path)."""
     question = r.get("question") or r.get("query") or r.get("prompt")
-    answers = [str(a).strip() for key in ("answer", "answers", "aliases", "alias") if r.get(key) is not None
-               for a in listed(r[key]) if str(a).strip()]
+    answers = gold_answers(r["answer"] if r.get("answer") is not None else r.get("answers"))
+    answers += [str(a).strip() for key in ("aliases", "alias") if r.get(key) is not None for a in listed(r[key])
+                if str(a).strip()]
     image = r.get("image") if r.get("image") is not None else r.get("image_path")
     image = image[0] if isinstance(image, list) else image
     if isinstance(image, dict):
@@ -315,8 +327,8 @@ def search_item(r, n, root, path, bench):
         image = base64.b64decode(image, validate=True)
     elif isinstance(image, str):
         image = os.path.join(root, image)
-    if not isinstance(question, str) or not answers:
-        raise ValueError("a search row needs a question and an answer")
+    if not isinstance(question, str):
+        raise ValueError("a search row needs a question")
     return Item(str(r.get("id", r.get("index", n))), question, list(dict.fromkeys(answers)), [image],
                 [r.get("category") or "all"], data_source="search",
                 image_paths=[image if isinstance(image, str) else f"{path}#{n}"])
@@ -325,12 +337,12 @@ def search_item(r, n, root, path, bench):
 def mathvision_item(r, n, root, path, bench):
     options = r.get("options") or []
     q = re.sub(r"<image\d+>", "", r["question"]).strip()
-    return Item(str(r["id"]), mcq_question(q, options), [str(r["answer"])], [os.path.join(root, r["image"])],
+    return Item(str(r["id"]), mcq_question(q, options), gold_answers(r["answer"]), [os.path.join(root, r["image"])],
                 [r.get("subject", "all")], options, image_paths=[r["image"]], scorer="math")
 
 
 def toy_item(r, n, root, path, bench):
-    return Item(r["id"], r["question"], [r["answer"]], [os.path.join(root, p) for p in r["images"]],
+    return Item(r["id"], r["question"], gold_answers(r["answer"]), [os.path.join(root, p) for p in r["images"]],
                 [r["category"]] + ([r["wording"] + " wording"] if "wording" in r else []),
                 data_source=r["data_source"], image_paths=r["images"])
 
@@ -516,7 +528,7 @@ def protocol(args, bench, data, cfg):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", required=True, help="a benchmark, a comma-separated list, or `all` (the paper's "
-                    "22); one of: " + ", ".join(BENCHES))
+                    "22), in any case; one of: " + ", ".join(BENCHES))
     ap.add_argument("--model", default=M.DEFAULT_MODEL, help="hub name or folder of the model to evaluate")
     ap.add_argument("--data", help="the benchmark's file (one benchmark only; default: $DEEPEYES_DATA/FILE, "
                     "fetched when a public URL is known)")
@@ -541,7 +553,9 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     M.check_args(ap, args, positive=("limit", "batch", "max_turns", "max_turn_tokens", "max_response_tokens",
                                      "max_pixels"))
-    args.benches = PAPER if args.bench == "all" else args.bench.split(",")
+    by_name = {b.lower(): b for b in BENCHES}   # names are matched without regard to case: realx is RealX
+    args.benches = PAPER if args.bench.lower() == "all" else \
+        [by_name.get(b.strip().lower(), b) for b in args.bench.split(",")]
     unknown = [b for b in args.benches if b not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHES)}")

@@ -1,7 +1,7 @@
 """grpo.py -- reinforcement learning over multi-turn tool rollouts: the paper's reward and GRPO, hand-written.
 
   compute_reward(response, answer, data_source, ...)   the original's: 0.8 * accuracy + 0.2 * format, search cost, judge
-  group_advantages(rewards, group_size)                (r - group mean) / (unbiased group std + 1e-6)
+  group_advantages(rewards, group_size, sound)         (r - group mean) / (unbiased group std + 1e-6)
   policy_loss(logp, old_logp, adv, mask)               PPO clip 0.2 / 0.2, dual clip 3.0, per-sequence token mean
 
 The loop: prompts -> rollout n per prompt -> rewards (judge calls in parallel) -> old log-probs recomputed by the
@@ -40,10 +40,19 @@ import tools
 
 
 # ================================================================================================ GRPO core
-def group_advantages(rewards, group_size):
-    """(r - mean of its group) / (unbiased std of the group + 1e-6); all-equal groups get exactly 0."""
+def group_advantages(rewards, group_size, sound=None):
+    """(r - mean of its group) / (unbiased std of the group + 1e-6), the statistics taken over the group's sound
+    trajectories only (`sound`: False where an infrastructure error broke one). A broken trajectory, and every one of
+    a group with fewer than two sound, gets 0: it is never learned from, nor does its reward move the others'."""
     r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=True) + 1e-6)).view(-1)
+    ok = torch.ones_like(r, dtype=torch.bool) if sound is None else \
+        torch.as_tensor(sound, dtype=torch.bool).view(-1, group_size)
+    adv = torch.zeros_like(r)
+    for g in range(len(r)):
+        x = r[g][ok[g]]
+        if len(x) >= 2:
+            adv[g][ok[g]] = (x - x.mean()) / (x.std(unbiased=True) + 1e-6)
+    return adv.view(-1)
 
 
 def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
@@ -107,8 +116,8 @@ def train(args):
         t1 = time.time()
         score_all(trajs, judge, args.judge_mode)
         rollout_metrics = batch_metrics(trajs)
-        adv = group_advantages([t.reward["score"] for t in trajs], args.group)   # <- the advantage
-        adv[torch.tensor([t.infra_errors > 0 for t in trajs])] = 0.0            # never learn from broken tools
+        # <- the advantage: over each group's sound trajectories (a broken tool or judge is never learned from)
+        adv = group_advantages([t.reward["score"] for t in trajs], args.group, [not t.infra_errors for t in trajs])
         if args.drop_flat_groups:
             flat = adv.view(-1, args.group).abs().sum(1) == 0
             trajs = [t for k, t in enumerate(trajs) if not flat[k // args.group]]
@@ -227,7 +236,8 @@ def batch_metrics(trajs):
 # ================================================================================================ the reward
 def format_ok(response, data_source):
     """The original's format rules on the decoded response (tool outputs included)."""
-    text = response if response.lstrip().startswith("<think>") else "<think>" + response   # leading <think> assumed
+    # as the original: a response not starting with <think> gets one prepended (whitespace first: then two, format 0)
+    text = response if response.startswith("<think>") else "<think>" + response
     if text.count("<think>") != text.count("</think>") or text.count("<think>") == 0:
         return False
     if text.count("<code>") != text.count("</code>"):
@@ -237,7 +247,7 @@ def format_ok(response, data_source):
     tail = text.rsplit("</think>", 1)[1]
     if tail.count("<answer>") != tail.count("</answer>") or tail.count("<answer>") == 0:
         return False
-    return tail.split("<answer>", 1)[1].split("</answer>", 1)[0].strip() != ""
+    return bool(tools.extract_answer(text))   # an answer read ("</answer> x <answer>" has none)
 
 
 def compute_reward(response, answer, data_source, question="", judge=None, judge_mode="all"):
@@ -284,10 +294,19 @@ def as_number(s):
     return float(s)
 
 
-def choice_letter(s):
-    """The option letter of a multiple-choice answer: "B", "(B)", "B. text", "Option B" (letters A-H)."""
-    m = re.fullmatch(r"\s*(?:\(?(?:option\s+)?([A-Ha-h])\)?[.:)]?)(?:\s.*)?", str(s), re.DOTALL)
-    return m.group(1).upper() if m else None
+def choice_letter(s, options=()):
+    """The one option letter an answer names: "B", "(B)", "B. text", "Option B" (letters A-H, or one per option).
+    None if it names none, or more than one ("(B) and (E)", "B or D", "B is wrong; A is right"): naming two options
+    is not choosing one (VLMEvalKit's can_infer_option refuses those too)."""
+    m = re.fullmatch(r"\s*\(?(?:[Oo]ption\s+)?([A-Ha-h])\)?[.:)]?(?:\s(.*))?", str(s), re.DOTALL)
+    if not m:
+        return None
+    letter, rest = m.group(1).upper(), m.group(2) or ""
+    valid = LETTERS[:len(options)] if options else LETTERS
+    if letter in valid[:len(options)] and normalize(rest) == normalize(options[LETTERS.index(letter)]):
+        return letter   # "B. A cat": the option's own text, whose "A" is an article
+    others = set(re.sub(r"[.()\[\],:;!*#{}]", " ", rest).split()) & set(valid) - {letter}
+    return None if others else letter
 
 
 def parse_options(question):
@@ -310,7 +329,8 @@ def rule_score(pred, gold, question="", options=None, tolerance=1e-4):
         gold = LETTERS[texts.index(normalize(gold))]       # the gold given as the option's text
     if re.fullmatch(r"[A-H]", gold):
         # the option text first: "a cat" is option B's text, not the letter "a"
-        letter = LETTERS[texts.index(normalize(pred))] if normalize(pred) in texts else choice_letter(pred)
+        letter = LETTERS[texts.index(normalize(pred))] if normalize(pred) in texts else \
+            choice_letter(pred, options)
         return float(letter == gold)
     alternatives = [gold] + ([g.strip() for g in gold.split(" or ")] if " or " in gold else [])   # RealX style
     for alt in alternatives:

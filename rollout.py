@@ -52,8 +52,8 @@ PROMPT_SETS = ("agent", "code", "direct")   # code + text + image search / code 
 TOOLS_OFF = "Error: tools are disabled in this run; answer from what you already know and see."
 OBS_PREFIX = "<|im_end|>\n<|im_start|>user\n"              # closes the model's turn, opens a user turn
 OBS_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>"   # ... and pre-fills the next turn's <think>
-STOP_STRINGS = ("</code>", "</tool_call>")
-STOP_WINDOW = max(map(len, STOP_STRINGS))   # tokens to decode for the check: a token holds at least one character
+# tokens to decode for the stop check (the longest stop string, Prompt.stops): a token holds at least one character
+STOP_WINDOW = len("</tool_call>")
 # transformers renamed the forward's cache argument in 5.x (`cache=`, deprecating `past_key_values=`)
 CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters \
     else "past_key_values"
@@ -104,6 +104,13 @@ class Prompt:
     go (no "<image>": the images open the user turn, as VLMEvalKit's messages put them)."""
     system: str
     user: str = "{question}"
+    tools: tuple = ("code", "search", "image_search")   # what the prompt offers: the code prompt offers code only
+
+    @property
+    def stops(self):
+        """A model turn ends at the close of a call the prompt offers (or at <|im_end|>)."""
+        return (("</code>",) if "code" in self.tools else ()) + \
+            (("</tool_call>",) if {"search", "image_search"} & set(self.tools) else ())
 
     def messages(self, sample):
         if sample.prompt:   # an RL row that carries the prompt it was trained with: used as given
@@ -144,7 +151,7 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
     `on_done(traj)` is called the moment a trajectory ends (eval writes it out then)."""
     cfg = Settings(**overrides)
     tok = processor.tokenizer
-    prompt = cfg.prompt or load_prompt("agent")
+    prompt = cfg.prompt = cfg.prompt or load_prompt("agent")
     trajs = []
     for s in samples:   # the image is processed once a prompt; each of its n trajectories gets its own lists
         one = start(processor, s, prompt, cfg.max_pixels)
@@ -195,7 +202,7 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
             for t in active:
                 t.turns += 1
                 text = tok.decode(t.turn_ids)
-                action = tools.parse_action(text)
+                action = tools.parse_action(text, prompt.tools)   # a call the prompt does not offer: none
                 if len(t.turn_ids) >= cfg.max_turn_tokens and action.kind != "answer":
                     t.finish = "turn_tokens"
                 elif len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens:
@@ -302,7 +309,7 @@ def decode_turns(kv, tok, trajs, first_logits, cfg):
             t = trajs[i]
             t.seq.ids.append(token[r]); t.seq.mm.append(0)
             t.action_mask.append(1); t.logprobs.append(logp[r]); t.turn_ids.append(token[r])
-            stop = token[r] in closes and any(s in tok.decode(t.turn_ids[-STOP_WINDOW:]) for s in STOP_STRINGS)
+            stop = token[r] in closes and any(s in tok.decode(t.turn_ids[-STOP_WINDOW:]) for s in cfg.prompt.stops)
             over = len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens
             if token[r] == eos or stop or over or len(t.turn_ids) >= cfg.max_turn_tokens:
                 t.cache = kv.row_cache(r, t.cached)   # its last sampled token is not in it yet: pending
@@ -555,7 +562,8 @@ def load_prompt(name_or_path="agent"):
     read = lambda path: open(path, encoding="utf-8").read()
     if not os.path.exists(system):
         raise FileNotFoundError(f"prompt {name_or_path!r}: neither one of {', '.join(PROMPT_SETS)} nor a file")
-    return Prompt(read(system), read(user) if user and os.path.exists(user) else "{question}")
+    return Prompt(read(system), read(user) if user and os.path.exists(user) else "{question}",
+                  ("code",) if name_or_path == "code" else Prompt.tools)
 
 
 def start(processor, sample, prompt, max_pixels=None):

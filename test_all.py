@@ -481,6 +481,8 @@ import grpo as G
     ("<think>a</think><tool_call>{}<think>b</think><answer>1889</answer>", "search", (0.8 * 0.9, 1.0, 0.0)),
     ("<think>a</think><answer>" + "1889 " * 70 + "</answer>", "perception", (0.0, 0.0, 0.0)),   # >= 300 characters
     ("<think>a</think><answer>" + "1889 " * 70 + "</answer>", "reason", (0.2, 0.0, 1.0)),   # no such rule for math
+    (" <think>ok</think><answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),   # whitespace first: a second <think>
+    ("<think>ok</think> </answer> x <answer>1889", "reason", (0.0, 0.0, 0.0)),   # a reversed pair: no answer read
 ])
 def test_reward_table(response, source, expected):
     r = G.compute_reward(response, "1889", source)
@@ -493,6 +495,24 @@ def test_reward_table(response, source, expected):
                                           ("G", "G", 1), ("(H)", "H", 1), ("lyon", "Paris or Lyon", 1)])
 def test_rule_score(pred, gold, ok):
     assert G.rule_score(pred, gold) == ok
+
+
+def test_an_answer_naming_two_options_chooses_neither():
+    for pred in ["(B) and (E)", "B or D", "B is incorrect; the correct option is A.", "B, C"]:
+        assert G.rule_score(pred, "B") == 0.0 and G.choice_letter(pred) is None
+        assert G.compute_reward(f"<think>x</think><answer>{pred}</answer>", "B", "perception")["acc"] == 0.0
+    assert G.rule_score("B. A cat", "B", "Which?\nA. a dog\nB. a cat") == 1.0   # the option's own text, "A" an article
+    assert G.rule_score("(B) a cat", "B") == G.rule_score("Option B", "B") == G.rule_score("b", "B") == 1.0
+
+
+def test_a_broken_trajectory_leaves_its_groups_statistics():
+    adv = G.group_advantages([1.0, 1.0, 1.0, 0.0], 4, sound=[True, True, True, False])
+    assert adv.tolist() == [0.0] * 4   # the three sound ones are a flat group; the broken one is never learned from
+    adv = G.group_advantages([1.0, 0.0, 1.0, 0.7, 1.0, 0.0, 0.5, 0.5], 4, sound=[1, 1, 1, 0, 1, 0, 0, 0])
+    # group 1 over [1, 0, 1]: mean 2/3, unbiased std sqrt(1/3); group 2 has one sound trajectory: all 0
+    third = (1 / 3) ** 0.5
+    assert adv.tolist() == pytest.approx([(1 / 3) / third, (-2 / 3) / third, (1 / 3) / third, 0, 0, 0, 0, 0],
+                                         abs=1e-5)
 
 
 def test_group_advantages_by_hand():
@@ -786,6 +806,42 @@ def test_eval_table_per_skill_flag_and_integration(capsys):
     assert s["groups"]["perception"]["accuracy"] == 50.0 and s["tool_rate"] == {"code": 50.0, "search": 50.0}
     assert s["tool_calls_per_item"] == 1.25
     assert "1 with infrastructure errors" in capsys.readouterr().out
+
+
+def test_benchmark_names_are_matched_without_regard_to_case(capsys):
+    assert E.parse_args(["--bench", "realx"]).benches == ["RealX"]
+    assert E.parse_args(["--bench", "mathvista_mini,vstarbench"]).benches == ["MathVista_MINI", "VStarBench"]
+    assert E.parse_args(["--bench", "ALL"]).benches == E.PAPER
+    with pytest.raises(SystemExit):
+        E.parse_args(["--bench", "realz"])
+    assert "unknown benchmark realz; known: VStarBench, HRBench4K" in capsys.readouterr().err
+
+
+def test_a_tool_the_prompt_does_not_offer_is_no_action_never_an_infrastructure_error(tiny, tmp_path):
+    model, processor, _ = tiny
+    image = os.path.join(os.path.dirname(MATHVISION), "images", "4.jpg")
+    items = [E.Item(k, "What year?", ["1889"], [image], image_paths=["4.jpg"]) for k in ("right", "search")]
+    search = '<think>look it up</think><tool_call>{"name": "search", "arguments": {"query": "x"}}</tool_call>'
+    script = lambda t, turn: SCRIPT[-1] if t.sample.id == "right" else search + "<|im_end|>"
+    rows = E.evaluate(model, processor, items, str(tmp_path), script=script, search_url="http://127.0.0.1:9",
+                      prompt=R.load_prompt("code"), **dict(TINY_EVAL, max_turn_tokens=64))
+    s = E.summarize(rows, "code prompt")
+    assert (s["accuracy"], s["scored"], s["infra_errors"]) == (50.0, 2, 0)   # the search item is scored, wrong
+    assert rows[1]["finish"] == "no_action" and rows[1]["calls"] == {} and rows[1]["turns"] == 1
+    assert R.load_prompt("code").stops == ("</code>",) and R.load_prompt("agent").stops == ("</code>", "</tool_call>")
+
+
+def test_a_benchmark_row_without_an_answer_is_a_bad_row(tmp_path, capsys):
+    red = b64_png("red")
+    write_tsv(tmp_path / "LogicVista.tsv", [dict(index=i, image=red, question="Which?", A="x", B="y", answer=gold)
+                                            for i, gold in enumerate(["A", "", "B"])])
+    items = E.load("LogicVista", str(tmp_path / "LogicVista.tsv"))
+    assert [it.id for it in items] == ["0", "2"]
+    assert "LogicVista.tsv:3: skipped" in capsys.readouterr().err
+    for gold in [None, "", {"a": 1}, [], [""]]:
+        with pytest.raises(ValueError):
+            E.gold_answers(gold)
+    assert E.gold_answers(0) == ["0"] and E.gold_answers(["Seine", ""]) == ["Seine"]
 
 
 def test_eval_resumes_after_a_crash_without_redoing_items(tiny, tmp_path):

@@ -89,13 +89,15 @@ def last_between(text, open_tag, close_tag):
     return text[start + len(open_tag):end] if start >= 0 else None
 
 
-def parse_action(text):
+def parse_action(text, offered=("code", "search", "image_search")):
     """What a model turn asks for. The original's precedence: answer > code > tool_call; the last match of each wins.
-    Whatever the text, this returns an Action: a malformed call is an "error" the model reads and may recover from."""
+    Whatever the text, this returns an Action: a malformed call is an "error" the model reads and may recover from.
+    A call of a tool the prompt does not offer (`offered`) is no action, as in the authors' eval loop under the code
+    prompt: nothing runs, and the turn's text is the response."""
     answer = last_between(text, "<answer>", "</answer>")
     if answer is not None:
         return Action("answer", answer.strip())
-    if "<code>" in text:
+    if "<code>" in text and "code" in offered:
         block = text.rsplit("<code>", 1)[1].split("</code>", 1)[0]
         start = block.rfind("```python")
         while start >= 0:   # the last closed fence (each find stops at the next fence: linear)
@@ -105,7 +107,7 @@ def parse_action(text):
             start = block.rfind("```python", 0, start)
         return Action("error", "Error: no ```python block found inside <code></code>.")
     call = last_between(text, "<tool_call>", "</tool_call>")
-    if call is None:
+    if call is None or not {"search", "image_search"} & set(offered):
         return Action("none")
     try:
         call = json.loads(call.strip())
