@@ -270,6 +270,13 @@ MME_CHOICES = ("Select the best answer to the above multiple-choice question bas
                "the letter (A, B, C, D, or E) of the correct option. \nThe best answer is:")
 
 
+def item_id(value):
+    """A row's id as text; an id that is a list or an object makes a bad row (it names no one item)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"the id {str(value)[:60]!r} is not a string or an integer")
+    return str(value)
+
+
 def gold_answers(value):
     """A row's accepted answers as strings. An empty, missing or non-text answer makes a bad row (reported, skipped,
     counted): scored, a constant reply would count as right on it, and a judge would be asked about "None"."""
@@ -296,7 +303,7 @@ def tsv_item(r, n, root, path, bench):
     images = [base64.b64decode(b, validate=True) for b in listed(r["image"])]
     hint = r.get("hint") if r.get("hint") not in (None, "", "nan") else None
     question = r["question"] if r.get("multi-choice options") else mcq_question(r["question"], options, hint)
-    return Item(str(r["index"]), question, answers, images,
+    return Item(item_id(r["index"]), question, answers, images,
                 [r.get("category") or "all"], options, 0.05 if bench.scorer == "relaxed" else 1e-4,
                 image_paths=[f"{os.path.basename(path)}#{r['index']}"] * len(images), scorer=bench.scorer,
                 problem=[r["ID"], r["key"]] if r.get("key") and r.get("ID") else None)
@@ -306,7 +313,7 @@ def realx_item(r, n, root, path, bench):
     flags = [f for f in ("perception", "search", "reason") if int(r.get(f) or 0)]
     img = r["image"]["bytes"] if isinstance(r.get("image"), dict) else os.path.join(root, r["image"])
     answers = [a.strip() for a in gold_answers(r["answer"])[0].split(" or ")]
-    return Item(str(r.get("id", n)), r["query"], answers, [img],
+    return Item(item_id(r.get("id", n)), r["query"], answers, [img],
                 flags + (["integration"] if len(flags) == 3 else []),
                 data_source="search" if "search" in flags else "reason",
                 image_paths=[r["image"] if isinstance(r["image"], str) else f"{path}#{n}"])
@@ -329,7 +336,7 @@ def search_item(r, n, root, path, bench):
         image = os.path.join(root, image)
     if not isinstance(question, str):
         raise ValueError("a search row needs a question")
-    return Item(str(r.get("id", r.get("index", n))), question, list(dict.fromkeys(answers)), [image],
+    return Item(item_id(r.get("id", r.get("index", n))), question, list(dict.fromkeys(answers)), [image],
                 [r.get("category") or "all"], data_source="search",
                 image_paths=[image if isinstance(image, str) else f"{path}#{n}"])
 
@@ -337,12 +344,13 @@ def search_item(r, n, root, path, bench):
 def mathvision_item(r, n, root, path, bench):
     options = r.get("options") or []
     q = re.sub(r"<image\d+>", "", r["question"]).strip()
-    return Item(str(r["id"]), mcq_question(q, options), gold_answers(r["answer"]), [os.path.join(root, r["image"])],
+    return Item(item_id(r["id"]), mcq_question(q, options), gold_answers(r["answer"]), [os.path.join(root, r["image"])],
                 [r.get("subject", "all")], options, image_paths=[r["image"]], scorer="math")
 
 
 def toy_item(r, n, root, path, bench):
-    return Item(r["id"], r["question"], gold_answers(r["answer"]), [os.path.join(root, p) for p in r["images"]],
+    return Item(item_id(r["id"]), r["question"], gold_answers(r["answer"]),
+                [os.path.join(root, p) for p in r["images"]],
                 [r["category"]] + ([r["wording"] + " wording"] if "wording" in r else []),
                 data_source=r["data_source"], image_paths=r["images"])
 
@@ -372,14 +380,18 @@ def file_rows(path):
 def load(bench, path):
     """The benchmark's items. Every row is checked here, its images opened once: a bad row (a missing field, an
     unreadable image) is reported with its line, skipped and counted, and the run goes on."""
-    if not os.path.exists(path):
-        sys.exit(missing(bench, path))
+    if not os.path.isfile(path):
+        sys.exit(missing(bench, path) if not os.path.exists(path) else f"error: {path} is not a file")
     spec = BENCHES[bench]
     root = os.path.dirname(os.path.abspath(path))
+    seen = set()
 
     def item(r, n):
         it = ITEM_OF[spec.loader](r, n, root, path, spec)
         M.refuse_special_text(it.question)
+        if it.id in seen:   # counted twice, it would weigh twice; its predictions would overwrite each other
+            raise ValueError(f"a second item with the id {it.id!r}")
+        seen.add(it.id)
         for img in it.images:
             M.load_image(img, check_only=True)
         return it
@@ -516,8 +528,9 @@ def protocol(args, bench, data, cfg):
                                 cwd=HERE).stdout.strip()
     except OSError:
         commit = ""
-    settings = {k: v for k, v in cfg.items() if k != "prompt"}
+    settings = {k: v for k, v in cfg.items() if k not in ("prompt", "search_url")}
     return dict(bench=bench, data=os.path.abspath(data), model=args.model, commit=commit,
+                weights=M.model_fingerprint(args.model), search_url=args.search_url,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"), judge=args.judge_url and args.judge_model,
                 prompt=dict(name=prompt_of(args, bench, data), system=cfg["prompt"].system,
                             user=cfg["prompt"].user),
@@ -561,6 +574,10 @@ def parse_args(argv=None):
         ap.error(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHES)}")
     if args.data and len(args.benches) > 1:
         ap.error("--data names the file of one benchmark")
+    try:   # a missing prompt file is found now, not after the model has loaded
+        args.prompt and R.load_prompt(args.prompt)
+    except FileNotFoundError as e:
+        ap.error(str(e))
     return args
 
 
@@ -582,10 +599,15 @@ def claim_output(out, proto, overwrite):
     """An output folder holds one protocol's predictions: a rerun of the same protocol resumes, another model,
     prompt, benchmark or setting is refused (its predictions would be reported as this run's)."""
     path = os.path.join(out, "protocol.json")
-    keys = ("bench", "data", "model", "judge", "prompt", "rollout")
+    # the weights by their content (a checkpoint is replaced in place by every save); not the search URL: items
+    # that met a search outage are retried against a new one
+    keys = ("bench", "data", "model", "weights", "judge", "prompt", "rollout")
     if os.path.exists(path) and not overwrite:
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except ValueError:
+            sys.exit(f"error: {path} is unreadable: pass another --out, or --overwrite to discard its predictions")
         differ = [k for k in keys if old.get(k) != proto[k]]
         if differ:
             sys.exit(f"error: {out} holds predictions of another run (different {', '.join(differ)}): pass another "
@@ -595,8 +617,7 @@ def claim_output(out, proto, overwrite):
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
     os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(proto, f, indent=1)
+    M.write_atomic(path, json.dumps(proto, indent=1))
 
 
 def print_table(results):
@@ -731,6 +752,11 @@ def main(argv=None):
             results[bench] = f"not run: no file at {data} ({BENCHES[bench].source})"
             continue
         items = load(bench, data)[:args.limit]
+        if not items:   # an empty or wholly bad file: no number, rather than a NaN that looks like one
+            if len(args.benches) == 1:
+                sys.exit(f"error: no usable items in {data}")
+            results[bench] = f"not run: no usable items in {data}"
+            continue
         cfg = rollout_config(args, prompt_of(args, bench, data))
         folder = bench + ("-notools" if args.no_tools else "")
         out = (os.path.join(args.out, folder) if len(args.benches) > 1 else args.out) if args.out else \

@@ -595,7 +595,14 @@ def parse_args(argv=None):
         M.apply_preset(ap, args, argv, preset)
     M.check_args(ap, args, positive=("prompts", "mini_batch", "micro_batch", "epochs", "steps", "lr", "grad_clip",
                                      "max_turns", "max_turn_tokens", "max_response_tokens", "max_pixels",
-                                     "save_every"))
+                                     "save_every", "temperature", "top_p", "dual_clip"),
+                 fraction=("top_p", "weight_decay", "clip_low", "kl"), at_most=dict(lr=1.0, epochs=1000))
+    if args.image_search_cache and not os.path.isfile(args.image_search_cache):
+        ap.error(f"--image-search-cache {args.image_search_cache}: no such file")
+    try:   # a missing prompt file is found now, not after the model has loaded
+        R.load_prompt(args.prompt)
+    except FileNotFoundError as e:
+        ap.error(str(e))
     if args.group < 2:   # a group of one has no spread: its advantage would be 0 / 0
         ap.error(f"--group must be >= 2 (got {args.group}): GRPO compares the samples of one prompt")
     return args

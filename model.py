@@ -18,6 +18,7 @@ Commands:
 """
 import argparse
 import functools
+import hashlib
 import io
 import json
 import math
@@ -130,6 +131,7 @@ def refuse_special_text(text, what="question"):
     found = SPECIAL_TEXT.search(text)
     if found:
         raise ValueError(f"{what} holds the special-token text {found.group()!r}")
+    text.encode("utf-8")   # a lone surrogate ("\ud800" in the JSON) cannot be tokenized: UnicodeEncodeError here
 
 
 def encode(processor, text, images=(), max_pixels=RL_MAX_PIXELS):
@@ -259,6 +261,8 @@ def prepare_image(img, min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS):
     """Squeeze aspect ratios > 200, upscale sides < 32 px, then smart-resize to multiples of 28 (as the original)."""
     img = img.convert("RGB")
     w, h = img.size
+    if not w or not h:
+        raise ValueError(f"an empty image ({w}x{h})")
     if max(w, h) / min(w, h) > 200:   # squeeze the long side so the ratio drops below 200
         w, h = (min(w, 199 * h), h) if w > h else (w, min(h, 199 * w))
     if min(w, h) < 32:                # Qwen-VL fails on tiny sides: upscale the short side to 32
@@ -272,6 +276,7 @@ def prepare_image(img, min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS):
     elif hb * wb < min_pixels:
         beta = math.sqrt(min_pixels / (h * w))
         hb, wb = math.ceil(h * beta / FACTOR) * FACTOR, math.ceil(w * beta / FACTOR) * FACTOR
+    hb, wb = min(hb, 200 * wb), min(wb, 200 * hb)   # rounding a thin side up to 28 can pass the processor's 200:1
     return img if (wb, hb) == img.size else img.resize((wb, hb), Image.BICUBIC)
 
 
@@ -300,8 +305,9 @@ def save_checkpoint(out, model, processor, optimizer, step, scheduler=None):
     processor.tokenizer.save_pretrained(tmp)
     torch.save(dict(optimizer=optim, scheduler=scheduler.state_dict() if scheduler else None,
                     step=step, rng=torch.get_rng_state()), os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "trainer.json"), "w") as f:
-        json.dump({"step": step}, f)
+    sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in os.listdir(tmp)}
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:   # last: with every file's size, to check them by
+        json.dump({"step": step, "sizes": sizes}, f)
     old = final + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
@@ -312,13 +318,44 @@ def save_checkpoint(out, model, processor, optimizer, step, scheduler=None):
 
 
 def checkpoint_step(path):
-    """The step of a complete checkpoint folder, or None (incomplete, or not a checkpoint)."""
+    """The step of a complete checkpoint folder, or None (incomplete: a file missing or of another size than
+    trainer.json recorded, say truncated; or not a checkpoint)."""
     try:
         with open(os.path.join(path, "trainer.json")) as f:
-            step = json.load(f)["step"]
-        return step if os.path.exists(os.path.join(path, "config.json")) else None
-    except (OSError, ValueError, KeyError, TypeError):
+            saved = json.load(f)
+        sizes = saved.get("sizes", {"config.json": None})
+        whole = all(os.path.getsize(os.path.join(path, name)) == n or n is None for name, n in sizes.items())
+        return saved["step"] if whole else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def model_fingerprint(name_or_path):
+    """What names a model's weights by their content without reading them all (eval records it: a checkpoint is
+    replaced in place at every save): a folder's config and trainer state, and of each weights file its size and
+    16 slices of 64 KiB spread over it (a training step moves every trained weight). A hub name stands for itself."""
+    if not os.path.isdir(name_or_path):
+        return name_or_path
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(name_or_path)):
+        path = os.path.join(name_or_path, name)
+        if name.endswith((".safetensors", "config.json", "trainer.json")) and os.path.isfile(path):
+            size = os.path.getsize(path)
+            digest.update(f"{name} {size}".encode())
+            with open(path, "rb") as f:
+                for k in range(16):
+                    f.seek(size * k // 16)
+                    digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
+def write_atomic(path, text):
+    """Replace a file's content so that a crash leaves the old content or the new, never a torn or empty file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def open_run(out, resume, overwrite=False):
@@ -363,12 +400,12 @@ def _prepare_run(out, resume, overwrite):
         return None
     step = checkpoint_step(final)
     if step is None:
-        sys.exit(f"error: {final} is incomplete (no trainer.json or config.json): remove it, or --overwrite")
+        sys.exit(f"error: {final} is an incomplete checkpoint (a file missing or truncated): remove it, or "
+                 "--overwrite")
     if os.path.exists(metrics):   # keep the lines of the steps the checkpoint holds; later ones are trained again
         with open(metrics) as f:
             kept = [line for line in f if line.endswith("\n") and (_step_of(line) or step + 1) <= step]
-        with open(metrics, "w") as f:
-            f.writelines(kept)
+        write_atomic(metrics, "".join(kept))
     return final
 
 
@@ -462,8 +499,20 @@ def apply_preset(ap, args, argv, preset):
             setattr(args, k, v)
 
 
-def check_args(ap, args, positive=(), fraction=()):
-    """Refuse, before anything loads, the values that would do nothing, lose data or divide by zero."""
+def check_args(ap, args, positive=(), fraction=(), at_most=None):
+    """Refuse, before anything loads, the values that would do nothing, lose data, divide by zero or train on NaN:
+    every number must be finite; `positive` ones > 0, `fraction` ones in [0, 1], `at_most` {name: bound} no higher;
+    a --out that names a file, and a --data that is not a file, are refused too."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            ap.error(f"--{name.replace('_', '-')} must be a finite number (got {value})")
+    for name, bound in (at_most or {}).items():
+        if getattr(args, name) > bound:
+            ap.error(f"--{name.replace('_', '-')} must be at most {bound} (got {getattr(args, name)})")
+    if getattr(args, "out", None) and os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out} is a file, not a folder")
+    if getattr(args, "data", None) and os.path.exists(args.data) and not os.path.isfile(args.data):
+        ap.error(f"--data {args.data} is not a file")
     for name in positive:
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             ap.error(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
@@ -555,20 +604,22 @@ def measure_step(step, opt, device, tokens):
 
 # ----------------------------------------------------------------------------------------------------- data files
 def jsonl_lines(path):
-    """(line number, text) of each non-empty line of a JSONL file (decoded by `kept_rows`)."""
-    with open(path, encoding="utf-8") as f:
+    """(line number, bytes) of each non-empty line of a JSONL file, decoded by `kept_rows` (a line that is not
+    UTF-8 is a bad row there, not a file that cannot be read)."""
+    with open(path, "rb") as f:
         return [(n, line) for n, line in enumerate(f, 1) if line.strip()]
 
 
 def kept_rows(rows, parse, path, what):
-    """[parse(row, n)] over (n, row) pairs, a str row being a JSONL line decoded here. A row that is not JSON or that
-    `parse` rejects (a missing or mistyped field, an unreadable image) is reported with its line number, skipped and
-    counted: one bad row never stops a run. SFT conversations, RL prompts and benchmark items are all read so."""
+    """[parse(row, n)] over (n, row) pairs, a JSONL line (bytes) decoded here. A row that is not JSON (nor UTF-8,
+    or nested past the parser's stack) or that `parse` rejects (a missing or mistyped field, an unreadable image) is
+    reported with its line number, skipped and counted: one bad row never stops a run. SFT conversations, RL prompts
+    and benchmark items are all read so."""
     out, bad = [], 0
     for n, row in rows:
         try:
-            out.append(parse(json.loads(row) if isinstance(row, str) else row, n))
-        except (ValueError, KeyError, TypeError, AttributeError, SyntaxError) as e:
+            out.append(parse(json.loads(row) if isinstance(row, (str, bytes)) else row, n))
+        except (ValueError, KeyError, TypeError, AttributeError, SyntaxError, RecursionError) as e:
             why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             print(f"{path}:{n}: skipped ({why[:200]})", file=sys.stderr)
             bad += 1

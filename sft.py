@@ -189,6 +189,8 @@ def load_conversations(path):
             raise ValueError(f"{holes} <image> placeholders but {len(images)} images")
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError("no assistant turn")
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+            raise ValueError("an empty assistant turn")   # it would teach the model to end its turn at once
         for image in images:
             M.load_image(image, check_only=True)   # each file opened and checked once, here
         return messages, images
@@ -324,7 +326,8 @@ def parse_args(argv=None):
                       freeze_embeddings=True)
         M.apply_preset(ap, args, argv, preset)
     M.check_args(ap, args, positive=("epochs", "lr", "grad_accum", "micro_batch", "grad_clip", "cutoff",
-                                     "max_pixels", "steps", "save_every"), fraction=("warmup",))
+                                     "max_pixels", "steps", "save_every"), fraction=("warmup", "weight_decay"),
+                 at_most=dict(lr=1.0, epochs=1000))
     return args
 
 

@@ -18,8 +18,12 @@ How the sandbox is limited (all of it in `_lock_down`, the one place to read):
   - rlimits: address space, CPU seconds, file size, open files; each call has a timeout (SIGALRM inside, a hard
     kill outside, after which the session restarts with its images and says so); stdout/stderr are bounded.
   - the host reads results as length-prefixed JSON with a size cap, never pickle: a session cannot make the host
-    execute anything; each call carries a fresh nonce, and a reply that does not answer it (code inside the session
-    can write to the channel) restarts the session as an infrastructure error;
+    execute anything; each call carries a fresh nonce, and a reply that does not answer it restarts the session as
+    an infrastructure error. The nonce stops a stale reply (one written to the channel during an earlier call) from
+    answering a later call; it does NOT stop code from forging the reply to its own call (the code runs in the
+    process that holds the nonce). So every reply is treated as untrusted: text is capped, and images are checked
+    before they are read (count, mode, 1..4096 px a side, exact bytes), so a forged reply gets no further than
+    code that prints and shows images could;
   - threads a call leaves running are stopped, and figures it leaves open closed, when the call ends.
 What it does NOT protect against: kernel bugs (it shares the host kernel); reading world-readable files (allowed by
 design: only writes are confined); CPU side channels; the sum of many sessions' memory caps exceeding the host's;
@@ -187,7 +191,7 @@ class Sandbox:
         nonce = os.urandom(8).hex()   # unguessable per call: a reply forged during one call cannot answer the next
         try:
             _send(self.sock, {"code": code, "nonce": nonce})
-            reply = _recv(self.sock)
+            reply = _recv(self.sock, from_session=True)
             if reply.get("nonce") != nonce or not isinstance(reply.get("stdout"), str) or \
                     not isinstance(reply.get("stderr"), str):
                 raise _ProtocolError("a reply that does not answer this call")
@@ -380,9 +384,12 @@ def _send(sock, obj, images=()):
     sock.sendall(b"".join([struct.pack("<Q", len(head)), head.encode(), *raw]))
 
 
-def _recv(sock):
+def _recv(sock, from_session=False):
     """The inverse of _send. The host treats whatever a session sends as untrusted data: sizes are capped, and a
-    malformed message raises (ValueError, KeyError, TypeError or RecursionError), never executes anything."""
+    malformed message raises (ValueError, KeyError, TypeError or RecursionError), never executes anything.
+    from_session: the host reading a reply, which code in the session may have forged (it can read the call's
+    nonce): every image is checked before a byte of it is read, as a real session would send it (at most
+    MAX_IMAGES_PER_CALL, RGB / RGBA / L, 1..4096 pixels a side, exactly its pixels' bytes)."""
     n = struct.unpack("<Q", _recv_exact(sock, 8))[0]
     if n > MAX_MESSAGE:
         raise ValueError("sandbox message exceeds the size cap")
@@ -390,9 +397,18 @@ def _recv(sock):
     if not isinstance(obj, dict) or not isinstance(obj.get("images"), list) or \
             sum(int(w["n"]) for w in obj["images"]) > MAX_MESSAGE:
         raise ValueError("malformed or oversized sandbox message")
+    if from_session and (len(obj["images"]) > MAX_IMAGES_PER_CALL or not all(map(_sent_image_ok, obj["images"]))):
+        raise _ProtocolError("images no session sends (count, mode, size or bytes)")
     obj["images"] = [Image.frombytes(w["mode"], tuple(w["size"]), _recv_exact(sock, int(w["n"])))
                      for w in obj["images"]]
     return obj
+
+
+def _sent_image_ok(w):
+    bands = {"RGB": 3, "RGBA": 4, "L": 1}.get(w.get("mode")) if isinstance(w, dict) else None
+    size = w.get("size") if bands else None
+    return isinstance(size, list) and len(size) == 2 and all(type(x) is int and 1 <= x <= 4096 for x in size) and \
+        w.get("n") == size[0] * size[1] * bands
 
 
 def _recv_exact(sock, n):
@@ -569,6 +585,9 @@ def _session_main(sock, scratch, limits):
         images = shown[:MAX_IMAGES_PER_CALL]
         if len(shown) > len(images):
             err.write(f"\n[{len(shown) - len(images)} images dropped: at most {MAX_IMAGES_PER_CALL} per call]")
+        if not all(im.width and im.height for im in images):
+            err.write("\n[an empty image (0 pixels wide or high) cannot be shown]")
+            images = [im for im in images if im.width and im.height]
         for i, im in enumerate(images):   # bounded in size, in a mode the host can rebuild
             images[i] = im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")
             images[i].thumbnail((4096, 4096))
@@ -728,16 +747,32 @@ class SearchIndex:
 MAX_RESULTS = 50   # the most results one request may ask for (Serper's own cap is 100)
 
 
-def make_server(index, host="127.0.0.1", port=8765, timeout=30):
+def make_server(index, host="127.0.0.1", port=8765, timeout=30, max_connections=64):
     """An HTTP server answering POST /search and POST /lens with Serper-shaped JSON. Loopback only by default.
-    Every bad request gets a 400 and every connection a `timeout` (a client that sends less than its
-    Content-Length cannot hold a thread forever)."""
+    Every bad request gets a 400. A connection has `timeout` seconds in all, however slowly its client writes (a
+    watchdog closes it then); at most `max_connections` are served at once, and one more is answered 503 at once
+    (stalled or aborted connections cannot pile up threads); a failed connection logs one line, no traceback."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
         def setup(self):
             super().setup()
             self.connection.settimeout(timeout)
+            self.deadline = threading.Timer(timeout, self.cut)
+            self.deadline.start()
+
+        def cut(self):   # the whole request's deadline: unblocks any read or write in flight
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def finish(self):
+            self.deadline.cancel()
+            try:
+                super().finish()
+            except OSError:   # the client went away before its answer was flushed
+                pass
 
         def do_POST(self):
             try:
@@ -752,7 +787,9 @@ def make_server(index, host="127.0.0.1", port=8765, timeout=30):
                     raise ValueError("num must be a number >= 1")
                 k = int(min(k, MAX_RESULTS))
                 if self.path == "/search":
-                    out = {"organic": index.text(str(body["q"]), k)}
+                    if not isinstance(body.get("q"), str) or not body["q"].strip():
+                        raise ValueError("q must be a non-empty string")
+                    out = {"organic": index.text(body["q"], k)}
                 elif self.path == "/lens":
                     img = Image.open(io.BytesIO(base64.b64decode(str(body["image_b64"]))))
                     out = {"organic": index.image(img, k)}
@@ -773,6 +810,26 @@ def make_server(index, host="127.0.0.1", port=8765, timeout=30):
     class Server(ThreadingHTTPServer):
         request_queue_size = 128   # the listen backlog (socketserver's 5 reset ~0.1% of connections at 16 clients)
         daemon_threads = True
+        slots = threading.BoundedSemaphore(max_connections)
+
+        def process_request(self, request, client_address):
+            if not self.slots.acquire(blocking=False):   # every slot busy: say so now, hold no thread
+                try:
+                    request.settimeout(1)
+                    request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+                return self.shutdown_request(request)
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request, client_address):
+            print(f"search server: {client_address[0]}: {sys.exc_info()[1]!r}"[:300], file=sys.stderr)
 
     return Server((host, port), Handler)
 
