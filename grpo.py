@@ -8,18 +8,15 @@ The loop: prompts -> rollout n per prompt -> rewards (judge calls in parallel) -
 trainer -> mini-batch updates -> metrics JSONL -> atomic, resumable checkpoint. Defaults are the paper's.
 
 The reward is the original's, judge prompts and verdicts included (data/PROTOCOL.md, Reward); without a judge the
-rules decide (`rule_score`, which eval uses too). As the authors ran it: no KL and no reference model, no entropy
+rules decide (support/scoring.py, which eval uses too). As the authors ran it: no KL and no reference model, no entropy
 bonus, zero-variance groups kept (advantage 0); `--kl` and `--drop-flat-groups` turn those on. Deliberate choice:
 trajectories that hit an infrastructure error (sandbox or search backend down, judge unreachable or without a
 verdict) get advantage 0: they are counted, never learned from (the original scored them as wrong answers).
 
 Commands:
-  python grpo.py convert DeepEyesV2_RL/*.parquet --out rl_data   # released parquet -> our JSONL, prompts kept
   python grpo.py --model PATH --data rl_data/rl.jsonl --judge-url URL --image-search-cache FILE   # the paper's
   python grpo.py --tiny --model runs/mini/sft/checkpoint --data data/world/rl.jsonl --out runs/grpo \
       --prompt data/world/world_system_prompt.txt                # the CPU preset, on the miniature world
-  python grpo.py --bench 7b --micro-batch 1                     # peak memory + time of a 7B GRPO step (GPU)
-  python grpo.py plot runs/grpo/metrics.jsonl                   # reward, accuracy, tool calls, length, entropy
   torchrun --nproc_per_node 8 grpo.py --model PATH --data ...   # 8 GPUs: FSDP2, whole groups per rank (README)
 """
 import argparse
@@ -27,7 +24,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import model as M
+from support import dist, flags, optim, reading, runs
 import rollout as R
 import tools
+from support.scoring import JudgeError, LLMJudge, normalize_final_answer, rule_score
 
 
 # ================================================================================================ GRPO core
@@ -77,7 +75,7 @@ def kl_k3(logp, ref_logp, mask):
 
 # ================================================================================================ the loop
 def train(args):
-    rank, world = M.dist_init()   # torchrun: this process's rank and the number of processes; else (0, 1)
+    rank, world = dist.dist_init()   # torchrun: this process's rank and the number of processes; else (0, 1)
     if world > 1 and (args.prompts % world or args.mini_batch % world or args.drop_flat_groups):
         sys.exit(f"error: with {world} processes --prompts and --mini-batch must divide by {world} (each rank rolls "
                  "out whole groups of an equal share), and --drop-flat-groups is single-process only")
@@ -85,7 +83,7 @@ def train(args):
     samples = load_prompts(args.data)
     if not samples:
         sys.exit(f"error: no usable RL prompts in {args.data}")
-    ckpt = M.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
+    ckpt = runs.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
     model, processor = M.load_model(ckpt or args.model, dtype=torch.float32 if world > 1 else None)
     sampler = model   # the rollout's model; under torchrun a full bf16 copy, as FSDP shards `model` for training
     if args.grad_ckpt:
@@ -95,9 +93,9 @@ def train(args):
     random.Random(args.seed).shuffle(samples)   # a batch mixes sources, the same order on a resume
     if world > 1:
         sampler = M.load_model(ckpt or args.model)[0]
-        M.shard(model)
-    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    step = M.load_checkpoint(ckpt, model, opt) if ckpt else 0
+        dist.shard(model)
+    opt = optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    step = runs.load_checkpoint(ckpt, model, opt) if ckpt else 0
     judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
     prompt = R.load_prompt(args.prompt)   # for rows that carry no prompt of their own
     image_cache = tools.ImageSearchCache(args.image_search_cache) if args.image_search_cache else None
@@ -130,8 +128,8 @@ def train(args):
         model.train()
         upd = grpo_update(model, opt, trajs, adv, args, world) if trajs else {}
         if sampler is not model:
-            M.copy_weights(model, sampler)   # the rollout's copy takes the updated weights
-        metrics = M.all_mean(dict(step=step + 1, **rollout_metrics, **upd, t_rollout=t1 - t0, t_reward=t2 - t1,
+            dist.copy_weights(model, sampler)   # the rollout's copy takes the updated weights
+        metrics = dist.all_mean(dict(step=step + 1, **rollout_metrics, **upd, t_rollout=t1 - t0, t_reward=t2 - t1,
                                   t_update=time.time() - t2), sums=("infra_errors", "non_finite_steps"))
         if rank == 0:   # torchrun: one process writes
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
@@ -140,7 +138,7 @@ def train(args):
                   f"tools {metrics['code_calls'] + metrics['search_calls'] + metrics['image_search_calls']:.2f} "
                   f"len {metrics['response_tokens']:.0f} ({time.time() - t0:.1f}s)", end="", flush=True)
         if (step + 1) % args.save_every == 0 or step + 1 == n_batches:
-            M.save_checkpoint(args.out, model, processor, opt, step + 1)
+            runs.save_checkpoint(args.out, model, processor, opt, step + 1)
     print()
     return model
 
@@ -166,7 +164,7 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
         if flat(s):   # every advantage 0: each token's loss is 0 whatever the ratio, so is the gradient: the forward
             for p in params:   # and backward are skipped, the optimizer steps as the original's (momentum, decay)
                 p.grad = torch.zeros_like(p)
-            stats.append(dict(clip_frac=0.0, grad_norm=M.finite_step(opt, params, args.grad_clip)[0],
+            stats.append(dict(clip_frac=0.0, grad_norm=optim.finite_step(opt, params, args.grad_clip)[0],
                               non_finite_steps=0.0))
             continue
         clip, ent = [], []
@@ -189,7 +187,7 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
             (loss * len(chunk) / min(per_step, len(trajs) - s)).backward()   # sequences weigh the same in the mean
             clip.append(cf.item())
             ent.append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
-        gnorm, stepped = M.finite_step(opt, params, args.grad_clip)
+        gnorm, stepped = optim.finite_step(opt, params, args.grad_clip)
         stats.append(dict(clip_frac=sum(clip) / len(clip), entropy=sum(ent) / len(ent), grad_norm=gnorm,
                           non_finite_steps=float(not stepped)))
     keys = dict.fromkeys(k for d in stats for k in d)   # entropy: only over the steps that ran a forward
@@ -266,168 +264,13 @@ def compute_reward(response, answer, data_source, question="", judge=None, judge
     return dict(score=0.8 * acc * cost + 0.2 * fmt, acc=acc, format=fmt, judged=judged)
 
 
-# ---- the rule scorer: the offline judge, and the one scorer of training (compute_reward) and evaluation (eval.py)
-LETTERS = "ABCDEFGH"
-
-
-def normalize(s):
-    """Text for comparison: \\boxed / \\text unwrapped, $ and separators dropped, lower case, no articles."""
-    s = str(s).strip()
-    s = re.sub(r"\\boxed\{(.*)\}", r"\1", s)
-    s = re.sub(r"\\text(?:bf)?\{(.*?)\}", r"\1", s)
-    s = s.replace("$", "").replace("\\%", "%").replace("\\!", "").replace("dfrac", "frac")
-    s = re.sub(r"(\d),(\d{3})", r"\1\2", s)
-    s = s.lower().strip().rstrip(".").strip()
-    s = re.sub(r"^(the answer is|answer:)\s*", "", s)
-    s = re.sub(r"\b(a|an|the)\b\s*", "", s)
-    return re.sub(r"\s+", " ", s).strip()
-
-
-def as_number(s):
-    s = normalize(s).rstrip("%").strip()
-    m = re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", s) or re.fullmatch(r"(-?\d+)\s*/\s*(\d+)", s)
-    if not m:
-        m = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*[a-z°%]{0,12}", s)   # "42 cm", "3.5 kg": drop the unit
-        return float(m.group(1)) if m else None
-    if "/" in s:
-        return int(m.group(1)) / int(m.group(2)) if int(m.group(2)) else None
-    return float(s)
-
-
-def choice_letter(s, options=()):
-    """The one option letter an answer names: "B", "(B)", "B. text", "Option B" (letters A-H, or one per option).
-    None if it names none, or more than one ("(B) and (E)", "B or D", "B is wrong; A is right"): naming two options
-    is not choosing one (VLMEvalKit's can_infer_option refuses those too)."""
-    m = re.fullmatch(r"\s*\(?(?:[Oo]ption\s+)?([A-Ha-h])\)?[.:)]?(?:\s(.*))?", str(s), re.DOTALL)
-    if not m:
-        return None
-    letter, rest = m.group(1).upper(), m.group(2) or ""
-    valid = LETTERS[:len(options)] if options else LETTERS
-    if letter in valid[:len(options)] and normalize(rest) == normalize(options[LETTERS.index(letter)]):
-        return letter   # "B. A cat": the option's own text, whose "A" is an article
-    others = set(re.sub(r"[.()\[\],:;!*#{}]", " ", rest).split()) & set(valid) - {letter}
-    return None if others else letter
-
-
-def parse_options(question):
-    """Option texts written in a question ("A. red", "(B) blue", "C: green", one a line), in letter order."""
-    found = dict(re.findall(r"(?m)^\s*\(?([A-H])[.):]\s*(.+?)\s*$", str(question)))
-    letters = LETTERS[:len(found)]
-    return [found[x] for x in letters] if found and all(x in found for x in letters) else []
-
-
-def rule_score(pred, gold, question="", options=None, tolerance=1e-4):
-    """1.0 if `pred` answers `gold` by rules, else 0.0. Multiple choice (gold a letter, or an option's text): the
-    option's text or its letter, A-H; otherwise any of gold's " or " alternatives as a number within `tolerance`
-    (relative) or as normalised text. `options` default to those written in the question."""
-    if pred is None or not str(pred).strip():
-        return 0.0
-    options = parse_options(question) if options is None else list(options)
-    texts = [normalize(o) for o in options]
-    gold = str(gold).strip()
-    if normalize(gold) in texts and not re.fullmatch(r"[A-H]", gold):
-        gold = LETTERS[texts.index(normalize(gold))]       # the gold given as the option's text
-    if re.fullmatch(r"[A-H]", gold):
-        # the option text first: "a cat" is option B's text, not the letter "a"
-        letter = LETTERS[texts.index(normalize(pred))] if normalize(pred) in texts else \
-            choice_letter(pred, options)
-        return float(letter == gold)
-    alternatives = [gold] + ([g.strip() for g in gold.split(" or ")] if " or " in gold else [])   # RealX style
-    for alt in alternatives:
-        a, b = as_number(pred), as_number(alt)
-        if (a is not None and b is not None and abs(a - b) <= tolerance * max(1.0, abs(b))) or \
-                normalize(pred) == normalize(alt):
-            return 1.0
-    return 0.0
-
-
-# ---- the LLM judge, as the original (its prompts are data/prompts/judge_*, math_judge_prompt.txt)
-def normalize_final_answer(answer):
-    """Minerva-style normalisation of a math answer, as the original applies it before the math judge: the text
-    after the last "=", unit words and \\text{} removed, $...$ kept, \\boxed{} unwrapped, \\fracab ->
-    \\frac{a}{b}, digits with commas joined."""
-    answer = answer.split("=")[-1]
-    for before, after in MINERVA_SUBSTITUTIONS:
-        answer = answer.replace(before, after)
-    for expr in MINERVA_REMOVED:
-        answer = answer.replace(expr, "")
-    answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", answer)
-    for macro in ("text", "textbf", "overline"):
-        answer = re.sub(r"(\\" + macro + r"\{)(.*?)(\})", "\\2", answer)
-    answer = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", answer)
-    answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", answer)
-    answer = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", answer).replace("$", "")
-    if answer.replace(",", "").isdigit():
-        answer = answer.replace(",", "")
-    return answer.strip()
-
-
-MINERVA_SUBSTITUTIONS = [("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), (r"\ ", ""), (" ", ""), ("mbox", "text"),
-                         (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}")]
-
-
-MINERVA_REMOVED = ["square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots", "sue",
-                   "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals",
-                   "edges", "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}",
-                   "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}", r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;",
-                   r",\!", "{,}", '"', "\\dots"]
-
-
-class JudgeError(RuntimeError):
-    """The LLM judge could not be reached or gave no verdict: an infrastructure error, never a wrong answer."""
-
-
-def read_prompt(name):
-    with open(os.path.join(R.PROMPTS, name), encoding="utf-8") as f:
-        return f.read()
-
-
-class LLMJudge:
-    """The original's judge (the paper: Qwen2.5-72B-Instruct behind an OpenAI-compatible server).
-    perception / search: the Chinese judge prompt, temperature 0.3, verdict `\\boxed{Yes}` (inside <最终结果>).
-    reason: the math-equivalence prompt as one user message, temperature 0.5, verdict after `## Equivalence Judgement`.
-    A reply with no verdict in it raises JudgeError (the original scored it 0: a silent wrong answer)."""
-    SYSTEM, USER, MATH = (read_prompt(n) for n in ("judge_system_prompt.md", "judge_user_prompt.txt",
-                                                   "math_judge_prompt.txt"))
-
-    def __init__(self, url, model, api_key=None, timeout=120, retries=3):
-        self.url, self.model, self.timeout, self.retries = url.rstrip("/"), model, timeout, retries
-        self.api_key = api_key or os.environ.get("JUDGE_API_KEY", "EMPTY")
-
-    def perception(self, question, gold, pred):
-        reply = self.chat([{"role": "system", "content": self.SYSTEM},
-                           {"role": "user", "content": self.USER.format(question=question, answer=gold,
-                                                                        prediction=pred)}], 0.3, max_tokens=8192)
-        verdict = reply.split("<最终结果>")[-1].split("<\\最终结果>")[0]
-        if "boxed{" not in verdict:
-            raise JudgeError(f"judge reply has no \\boxed verdict: {reply[-200:]!r}")
-        return float("Yes" in verdict.split("boxed{")[-1].split("}")[0])
-
-    def math(self, question, gold, pred):
-        if not pred:
-            return 0.0
-        reply = self.chat([{"role": "user", "content": self.MATH.format(query=question, gold_ans=gold,
-                                                                        pred_ans=pred)}], 0.5)
-        verdict = reply.split("## Equivalence Judgement")[-1].lower()
-        if ("true" in verdict) == ("false" in verdict):
-            raise JudgeError(f"judge reply has no TRUE / FALSE verdict: {reply[-200:]!r}")
-        return float("true" in verdict)
-
-    def chat(self, messages, temperature, max_tokens=None):
-        body = dict(model=self.model, messages=messages, temperature=temperature,
-                    **({"max_tokens": max_tokens} if max_tokens else {}))
-        return tools.post_json(self.url + "/chat/completions", body, lambda reply: str(
-            reply["choices"][0]["message"]["content"]).strip(), JudgeError,
-            {"Authorization": f"Bearer {self.api_key}"}, self.retries, self.timeout)
-
-
 # ================================================================================================ data
 def load_prompts(path):
     """JSONL rows {images: [paths relative to the file], question, answer, data_source, id[, prompt]}; `prompt`,
     the chat messages a released row was trained with ("<image>" where its images go), is used as given. Every row
     is checked here (its images decoded once): a bad one is reported with its line, skipped and counted."""
     root = os.path.dirname(os.path.abspath(path))
-    return M.kept_rows(M.jsonl_lines(path), lambda row, n: prompt_row(row, root, n), path, "prompts")
+    return reading.kept_rows(reading.jsonl_lines(path), lambda row, n: prompt_row(row, root, n), path, "prompts")
 
 
 def prompt_row(row, root, n):
@@ -460,87 +303,7 @@ def prompt_row(row, root, n):
                     row.get("data_source", "reason"), str(row.get("id", n)), prompt)
 
 
-def convert(parquets, out):
-    """Released DeepEyesV2_RL parquet -> our JSONL + image files (pyarrow is needed here, and only here)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        sys.exit("error: converting parquet needs pyarrow: pip install pyarrow")
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    with open(os.path.join(out, "rl.jsonl"), "w") as f:
-        for path in parquets:
-            for i, row in enumerate(pq.read_table(path).to_pylist()):
-                extra, names = row.get("extra_info") or {}, []
-                for j, img in enumerate(row.get("images") or []):
-                    name = f"images/{os.path.basename(path)}_{i}_{j}.png"
-                    with open(os.path.join(out, name), "wb") as g:
-                        g.write(img["bytes"])
-                    names.append(name)
-                question = extra.get("question") or re.sub(r"<image>", "", row["prompt"][-1]["content"]).strip()
-                prompt = [dict(role=m["role"], content=m["content"]) for m in row.get("prompt") or []] or None
-                f.write(json.dumps(dict(images=names, question=question, data_source=row.get("data_source", "reason"),
-                                        answer=row["reward_model"]["ground_truth"], id=extra.get("index", i),
-                                        prompt=prompt), ensure_ascii=False) + "\n")
-    print(f"wrote {out}/rl.jsonl")
-
-
 # ================================================================================================ bench, plot, CLI
-def bench(preset, lengths, micro, device=None):
-    """Peak memory and time of one GRPO optimizer step (old log-probs + clipped loss over 2 micro-batches) on
-    synthetic trajectories of each length: half the response tokens are the model's, half observations."""
-    from PIL import Image
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = R.bench_model(preset, device)
-    M.set_gradient_checkpointing(model)
-    model.train()
-    opt = M.AdamW(model.parameters(), lr=1e-6)
-    args = parse_args(["--mini-batch", "1", "--group", str(2 * micro), "--micro-batch", str(micro)])
-    rows = []
-    for length in lengths:
-        t = R.start(processor, R.Sample([Image.new("RGB", (448, 448), "red")], "What is small?"))
-        n = length - len(t.seq.ids)
-        t.seq.ids += [processor.tokenizer.encode(" mark")[0]] * n
-        t.seq.mm += [0] * n
-        t.action_mask += [1, 0] * (n // 2) + [1] * (n % 2)
-        trajs = [t] * (2 * micro)
-        adv = torch.tensor([1.0, -1.0] * micro)
-        rows.append(dict(tokens=length, micro_batch=micro, trajectories=len(trajs), **M.measure_step(
-            lambda: grpo_update(model, opt, trajs, adv, args), opt, device, len(trajs) * length)))
-    print(f"GRPO optimizer step, {preset}, full fine-tune, grad ckpt, {device}")
-    print(f"{'tokens':>8s} {'micro':>6s} {'trajs':>6s} {'step s':>8s} {'tok/s':>8s} {'peak GiB':>9s}")
-    for r in rows:
-        print(f"{r['tokens']:8d} {r['micro_batch']:6d} {r['trajectories']:6d} {str(r['step_s']):>8s} "
-              f"{r['tokens_per_s']:8d} {str(r['peak_gib']):>9s}")
-    print(json.dumps(dict(bench="grpo", preset=preset, device=device, rows=rows)))
-
-
-def plot(metrics_path, out=None):
-    """The run's curves, one panel each: reward, accuracy, tool calls per sample, response length and entropy per
-    rollout batch (the paper's Fig. 8 shows the first three) -> a PNG beside the metrics (or `out`)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
-    if not rows:
-        sys.exit(f"error: {metrics_path} holds no metrics")
-    curves = {"reward": [r["reward"] for r in rows], "accuracy": [r["acc"] for r in rows],
-              "tool calls / sample": [r["code_calls"] + r["search_calls"] + r["image_search_calls"] for r in rows],
-              "response tokens": [r["response_tokens"] for r in rows],
-              "entropy": [r.get("entropy", float("nan")) for r in rows]}
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.6))
-    for ax, (name, ys) in zip(axes, curves.items()):
-        ax.plot([r["step"] for r in rows], ys, marker=".")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("rollout batch", fontsize=8)
-        ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    out = out or os.path.splitext(metrics_path)[0] + ".png"
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    print(f"wrote {out}")
-    return out
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=M.DEFAULT_MODEL, help="policy to start from: hub name or folder (the SFT one)")
@@ -585,15 +348,12 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="random seed")
     ap.add_argument("--tiny", action="store_true", help="CPU preset: group 4, 8 prompts, mini-batch 4, micro-batch "
                     "8, lr 2e-5, short turns, frozen embeddings")
-    ap.add_argument("--bench", metavar="PRESET", choices=["test", "mini", "7b"], help="measure peak memory and time "
-                    "of one GRPO step on a random model (7b: the real architecture, GPU) and exit")
-    ap.add_argument("--bench-tokens", default="4096,16384", help="trajectory lengths for --bench, comma separated")
     args = ap.parse_args(argv)
     if args.tiny:
         preset = dict(group=4, prompts=8, mini_batch=4, micro_batch=8, lr=2e-5, max_turn_tokens=96,
                       max_response_tokens=1024, max_turns=4, grad_ckpt=False, save_every=5, freeze_embeddings=True)
-        M.apply_preset(ap, args, argv, preset)
-    M.check_args(ap, args, positive=("prompts", "mini_batch", "micro_batch", "epochs", "steps", "lr", "grad_clip",
+        flags.apply_preset(ap, args, argv, preset)
+    flags.check_args(ap, args, positive=("prompts", "mini_batch", "micro_batch", "epochs", "steps", "lr", "grad_clip",
                                      "max_turns", "max_turn_tokens", "max_response_tokens", "max_pixels",
                                      "save_every", "temperature", "top_p", "dual_clip"),
                  fraction=("top_p", "weight_decay", "clip_low", "kl"), at_most=dict(lr=1.0, epochs=1000))
@@ -609,24 +369,10 @@ def parse_args(argv=None):
 
 
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "plot":
-        ap = argparse.ArgumentParser(description="draw a GRPO run's curves from its metrics JSONL")
-        ap.add_argument("metrics", help="runs/.../metrics.jsonl")
-        ap.add_argument("--out", help="the PNG (default: beside the metrics)")
-        a = ap.parse_args(sys.argv[2:])
-        return plot(a.metrics, a.out)
-    if len(sys.argv) > 1 and sys.argv[1] == "convert":
-        ap = argparse.ArgumentParser(description="convert DeepEyesV2_RL parquet files to our JSONL")
-        ap.add_argument("parquets", nargs="+", help="the released parquet files")
-        ap.add_argument("--out", required=True, help="output folder (rl.jsonl + images/)")
-        a = ap.parse_args(sys.argv[2:])
-        return convert(a.parquets, a.out)
     args = parse_args()
-    if args.bench:
-        return bench(args.bench, [int(x) for x in args.bench_tokens.split(",")], args.micro_batch)
-    if not args.data or not os.path.exists(args.data):
-        sys.exit(f"error: RL data {args.data!r} not found: convert the released parquet with "
-                 "`python grpo.py convert FILES --out DIR`, or build the miniature world with `python data/world.py`")
+    if not args.data or not os.path.isfile(args.data):
+        sys.exit(f"error: RL data {args.data!r} not found: convert the released parquet with `python -m "
+                 "support.convert rl FILES --out DIR`, or build the miniature world with `python data/world.py`")
     train(args)
 
 

@@ -24,15 +24,10 @@ Deliberate choices:
   `Trajectory.infra_errors` so that no one scores it as a wrong answer (`on_infra_error="end"` ends the episode,
   as the original did). With `tools_on=False` (eval --no-tools) a tool call is refused the same way.
 
-Commands:
-  python rollout.py --bench                  # tok/s: batched rollout vs model.generate one at a time; cache vs not
-  python rollout.py --bench --preset 7b --skip-generate   # the real 7B architecture (random weights, GPU), 64 and
-                                                          # 256 trajectories, and groups of 16
+Speed: `python -m support.bench rollout` (tok/s against model.generate one at a time; README).
 """
-import argparse
 import functools
 import inspect
-import json
 import os
 import time
 from collections import Counter
@@ -45,7 +40,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 
 import tools
-from model import IMAGE_PLACEHOLDER, RL_MAX_PIXELS, Seq, encode, encode_plain, prepare_image, rope_positions
+from model import RL_MAX_PIXELS, Seq, encode, encode_plain, prepare_image, rope_positions
+from tools import IMAGE_PLACEHOLDER
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts")
 PROMPT_SETS = ("agent", "code", "direct")   # code + text + image search / code only / no tools (data/prompts/)
@@ -586,168 +582,3 @@ def timer(phase):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     PHASES[phase] += time.perf_counter() - t0
-
-
-# ------------------------------------------------------------------------------------------- bench
-SEVEN_B = dict(text_config=dict(vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-                                num_key_value_heads=4, intermediate_size=18944, max_position_embeddings=128000,
-                                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
-               vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                  out_hidden_size=3584,
-                                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                                  fullatt_block_indexes=[7, 15, 23, 31]))
-
-
-def bench_model(preset, device):
-    """(model, processor): a tiny preset built locally, or the real 7B architecture with random bf16 weights (on the
-    real Qwen vocabulary when qwen-agent's qwen.tiktoken is at hand, so that the prompt has its real length)."""
-    import importlib.util
-    import tempfile
-    from model import build_tiny, load_model, qwen_tokenizer
-    real = preset == "7b" and importlib.util.find_spec("qwen_agent") is not None
-    name = {"7b": "qwen" if real else "test"}.get(preset, preset)
-    path = build_tiny(os.path.join(tempfile.gettempdir(), f"deepeyes_bench_{name}"),
-                      "test" if preset == "7b" else preset, tokenizer=qwen_tokenizer() if real else None)
-    model, processor = load_model(path, device=device)
-    if preset == "7b":
-        from transformers import Qwen2_5_VLConfig
-        cfg = Qwen2_5_VLConfig(**SEVEN_B, image_token_id=model.config.image_token_id,
-                               video_token_id=model.config.video_token_id)
-        cfg.text_config.eos_token_id = cfg.text_config.pad_token_id = model.config.text_config.eos_token_id
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
-        torch.set_default_dtype(torch.float32)
-        model.eval()
-    return model, processor
-
-
-PEAK_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}   # HBM bandwidth, TB/s: the decode step's ceiling
-
-
-def decode_bytes(model):
-    """-> (bytes of weights one decode step reads, bytes of K and V per cached token)."""
-    lm = model.model.language_model
-    weights = sum(p.numel() * p.element_size() for m in (lm.layers, lm.norm, model.lm_head) for p in m.parameters())
-    a = lm.layers[0].self_attn
-    per_token = len(lm.layers) * 2 * a.config.num_key_value_heads * a.head_dim * a.o_proj.weight.element_size()
-    return weights, per_token
-
-
-def bench(preset="mini", sizes=(16,), turns=4, turn_tokens=48, device=None, skip_generate=False, group=4):
-    """Same scripted work several ways: our rollout at each batch size (CUDA graphs on a GPU); at the first size
-    also re-prefill instead of cross-turn caches, GRPO-like groups (`group` samples a prompt) with the prompt
-    prefilled once or per sample, and `model.generate` one trajectory and one turn at a time (the naive way)."""
-    from PIL import Image
-    from model import token_logprobs
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = bench_model(preset, device)
-    tok = processor.tokenizer
-    filler = tok.encode(" the red mark is small" * 40, add_special_tokens=False)
-    code = tok.encode("<code>\n```python\nprint(1)\n```\n</code>", add_special_tokens=False)
-    turn = tok.decode(filler[:turn_tokens - len(code)] + code)
-    answer = tok.decode(filler[:turn_tokens - 8]) + "<answer>1</answer><|im_end|>"
-    script = lambda t, i: turn if i < turns - 1 else answer
-    samples = [Sample([Image.new("RGB", (224, 224), (i % 256, i // 256, 0))], f"Question {i}?")
-               for i in range(max(sizes))]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else ""
-    peak = next((v for k, v in PEAK_TBS.items() if k in gpu), None)
-    weights, per_token = decode_bytes(model)
-    rows, first = {}, None
-    for n in sizes:
-        modes = [(f"{n} rows (default)", samples[:n], 1, {})]
-        if n == sizes[0]:
-            modes += [(f"{n} rows, re-prefill each turn", samples[:n], 1, dict(use_cache=False)),
-                      (f"{n // group} x {group}, prompt prefilled once", samples[:n // group], group, {}),
-                      (f"{n // group} x {group}, prefilled per sample", samples[:n // group], group,
-                       dict(share_prefill=False))]
-        for _, batch, k, kw in modes:   # warm-up at full size: the allocator's first big blocks are not measured
-            rollout(model, processor, batch, n=k, script=script, **kw)
-        for name, batch, k, kw in modes:
-            sync(); t0 = time.perf_counter(); PHASES.clear(); COUNTS.clear()
-            trajs = rollout(model, processor, batch, n=k, script=script, **kw)
-            sync(); dt = time.perf_counter() - t0
-            first = first or trajs
-            gen = sum(sum(t.action_mask) for t in trajs)
-            step = (PHASES["decode"] - PHASES["graph capture"]) / max(COUNTS["steps"], 1)   # capture: once a bucket
-            moved = weights * COUNTS["steps"] + per_token * COUNTS["kv_tokens"]
-            ceiling = moved / (step * COUNTS["steps"]) / (peak * 1e12) if peak else float("nan")
-            rows[name] = dict(tok_s=gen / dt, s=dt, prompt=PHASES["prompt prefill"],
-                              prefill=PHASES["prompt prefill"] + PHASES["observation prefill"], decode=PHASES["decode"],
-                              step_ms=1e3 * step, ceiling=ceiling)
-            print(f"{name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in PHASES.items()), flush=True)
-    if not skip_generate:
-        sync(); t0 = time.perf_counter()
-        gen = generate_one_at_a_time(model, processor, samples[:sizes[0]], script, turns)
-        sync(); dt = time.perf_counter() - t0
-        rows["model.generate, one at a time"] = dict(tok_s=gen / dt, s=dt, prompt=float("nan"), prefill=float("nan"),
-                                                     decode=float("nan"), step_ms=float("nan"), ceiling=float("nan"))
-    with torch.no_grad():   # the sampler's log-probs against the training forward's, on the first size's trajectories
-        drift = max((lp[:len(t.seq.ids) - 1] - torch.tensor(t.logprobs[1:], device=lp.device)).abs()
-                    [torch.tensor(t.action_mask[1:], dtype=torch.bool, device=lp.device)].max().item()
-                    for i in range(0, len(first), 8) for t, lp in zip(first[i:i + 8], token_logprobs(
-                        model, [t.seq for t in first[i:i + 8]]).float()))
-    base = rows.get("model.generate, one at a time", rows[f"{sizes[0]} rows, re-prefill each turn"])["tok_s"]
-    print(f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {turns} turns x {turn_tokens} "
-          f"tokens a trajectory, {gpu or device}, torch {torch.__version__}, prompt {first[0].prompt_len} tokens")
-    print(f"{'way':40s} {'gen tok/s':>10s} {'seconds':>8s} {'prompt s':>9s} {'prefill s':>10s} {'decode s':>9s} "
-          f"{'step ms':>8s} {'of peak BW':>10s} {'vs naive':>9s}")
-    for name, r in rows.items():
-        print(f"{name:40s} {r['tok_s']:10.1f} {r['s']:8.2f} {r['prompt']:9.2f} {r['prefill']:10.2f} {r['decode']:9.2f} "
-              f"{r['step_ms']:8.2f} {r['ceiling']:10.2f} {r['tok_s'] / base:8.1f}x")
-    print(f"largest |sampler log-prob - training forward's| over the {sizes[0]} rows: {drift:.2e}")
-    n, g = sizes[0], group
-    shared, separate = rows[f"{n // g} x {g}, prompt prefilled once"], rows[f"{n // g} x {g}, prefilled per sample"]
-    print(json.dumps({"preset": preset, "device": gpu or device, "sampler_vs_trainer_logp": float(f"{drift:.2e}"),
-                      **{f"rollout_{n}_tok_s": round(rows[f"{n} rows (default)"]["tok_s"], 1) for n in sizes},
-                      "group_prompt_prefill_speedup": round(separate["prompt"] / max(shared["prompt"], 1e-9), 2),
-                      **({"generate_tok_s": round(rows["model.generate, one at a time"]["tok_s"], 1)}
-                         if not skip_generate else {})}))
-
-
-def generate_one_at_a_time(model, processor, samples, script, turns):
-    """The naive baseline: HF generate per trajectory per turn, re-encoding the conversation each time."""
-    gen = 0
-    for s in samples:
-        t = start(processor, s, load_prompt("agent"))
-        with tools.Sandbox(s.images) as box:
-            for i in range(turns):
-                ids = processor.tokenizer.encode(script(t, i), add_special_tokens=False)
-                batch = dict(input_ids=torch.tensor([t.seq.ids]),
-                             attention_mask=torch.ones(1, len(t.seq.ids), dtype=torch.long),
-                             mm_token_type_ids=torch.tensor([t.seq.mm]), pixel_values=torch.cat(t.seq.pixels),
-                             image_grid_thw=torch.tensor(t.seq.grids))
-                dev = next(model.parameters()).device
-                model.generate(**{k: v.to(dev) for k, v in batch.items()}, max_new_tokens=len(ids),
-                               min_new_tokens=len(ids), do_sample=True)
-                gen += len(ids)
-                t.seq.ids += ids; t.seq.mm += [0] * len(ids)
-                if i < turns - 1:
-                    result = box.run("print(1)")
-                    t.seq.extend(encode(processor, OBS_PREFIX + tools.format_code_result(result) + OBS_SUFFIX))
-    return gen
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bench", action="store_true", help="measure rollout throughput three ways (see module doc)")
-    ap.add_argument("--preset", default="mini", choices=["test", "mini", "7b"], help="model to bench: tiny presets "
-                    "or the real 7B architecture with random weights (GPU)")
-    ap.add_argument("--n", type=int, nargs="+", default=None, help="trajectories in the batch, one or more sizes "
-                    "(default 16 on CPU presets, 64 256 for 7b)")
-    ap.add_argument("--group", type=int, default=None, help="samples a prompt in the group rows (default 4 on CPU "
-                    "presets, 16 for 7b: the paper's group)")
-    ap.add_argument("--turns", type=int, default=4, help="model turns per trajectory (3 code calls, then an answer)")
-    ap.add_argument("--turn-tokens", type=int, default=48, help="tokens generated per turn")
-    ap.add_argument("--skip-generate", action="store_true", help="do not run the slow model.generate baseline")
-    args = ap.parse_args()
-    if not args.bench:
-        return ap.print_help()
-    big = args.preset == "7b"
-    bench(args.preset, args.n or ([64, 256] if big else [16]), args.turns, args.turn_tokens,
-          skip_generate=args.skip_generate, group=args.group or (16 if big else 4))
-
-
-if __name__ == "__main__":
-    main()

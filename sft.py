@@ -13,9 +13,8 @@ Data (JSONL, one trajectory per line; images by path relative to the file, one "
 
 The tokens are exactly the ones the rollout produces for the same conversation, segment by segment (test_all.py
 checks it on the tiny and the real Qwen vocabulary): a tool output is encoded as the rollout's observation,
-pre-filled `<think>` included. Labels are the rollout's action
-mask plus the `<|im_end|>` that closes each tool turn (the original trains on it; in a rollout the observation writes
-it, because generation stops at `</code>`).
+pre-filled `<think>` included. Labels are the rollout's action mask plus the `<|im_end|>` that closes each tool
+turn (the original trains on it; in a rollout the observation writes it, because generation stops at `</code>`).
 
 Deliberate choices:
 - Loss = sum of token losses / label tokens of the whole accumulation window (not a mean of per-sample means:
@@ -30,8 +29,7 @@ Deliberate choices:
 Commands:
   python sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data sft.jsonl --out runs/sft    # the paper's settings
   python sft.py --tiny --model runs/mini/base --data data/world/sft.jsonl --out runs/sft  # the CPU preset
-  python sft.py convert DeepEyesV2_SFT.json --images-root DIR --out data/sft.jsonl     # released json -> ours
-  python sft.py --bench 7b                    # peak memory and tokens/s of 7B SFT steps (random weights, GPU)
+  python -m support.convert sft DeepEyesV2_SFT.json --images-root DIR --out sft.jsonl  # released json
   torchrun --nproc_per_node 8 sft.py --model ... --data ... --out ...  # 8 GPUs: FSDP2 (README)
 """
 import argparse
@@ -43,10 +41,10 @@ import sys
 import time
 
 import torch
-from PIL import Image
 
 import model as M
-import rollout as R
+from support import dist, flags, optim, reading, runs
+from tools import IMAGE_PLACEHOLDER
 
 
 # ================================================================================================ tokens + labels
@@ -57,7 +55,7 @@ def encode_conversation(processor, messages, images, max_pixels=M.SFT_MAX_PIXELS
     its pre-filled `<think>`. Not the whole text at once: with the real vocabulary `<think>`'s `>` merges with the
     turn after it (`>\\n`, `><`), and the rollout never sees that merge."""
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    text = lambda m: m["content"].replace("<image>", M.IMAGE_PLACEHOLDER)   # our data holds string contents
+    text = lambda m: m["content"].replace("<image>", IMAGE_PLACEHOLDER)   # our data holds string contents
     head = processor.apply_chat_template([dict(m, content=text(m)) for m in messages[:first]], tokenize=False,
                                          add_generation_prompt=True)
     segments, observation = [(head, 0)], []
@@ -107,18 +105,18 @@ def sft_step(model, opt, sched, window, grad_clip, rank=0, world=1, micro=1):
         loss = -(logp * mask).sum() / n_labels
         loss.backward()
         total += loss.item() / world
-    gnorm, stepped = M.finite_step(opt, [p for p in model.parameters() if p.requires_grad], grad_clip)
+    gnorm, stepped = optim.finite_step(opt, [p for p in model.parameters() if p.requires_grad], grad_clip)
     sched.step()   # the schedule moves on either way: a skipped step is a lost step, not a delayed one
     return total, gnorm, stepped
 
 
 def train(args):
-    rank, world = M.dist_init()   # torchrun: this process's rank and the number of processes; else (0, 1)
+    rank, world = dist.dist_init()   # torchrun: this process's rank and the number of processes; else (0, 1)
     torch.manual_seed(args.seed)
     data = load_conversations(args.data)
     if not data:
         sys.exit(f"error: no usable conversations in {args.data}")
-    ckpt = M.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
+    ckpt = runs.open_run(args.out, args.resume, args.overwrite)   # recovers, refuses to overwrite, trims metrics
     model, processor = M.load_model(ckpt or args.model, dtype=torch.float32 if world > 1 else None)
     if not args.unfreeze_vision:
         freeze_vision(model)
@@ -127,14 +125,14 @@ def train(args):
     if args.grad_ckpt:
         M.set_gradient_checkpointing(model)
     if world > 1:
-        M.shard(model)
+        dist.shard(model)
     positions = order(len(data), args.epochs, args.seed)
     total = math.ceil(len(positions) / args.grad_accum)   # the schedule's length; --steps may stop earlier
     stop = min(args.steps, total)
-    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+    opt = optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     sched = cosine_with_warmup(opt, total, max(1, round(args.warmup * total)))
-    step = M.load_checkpoint(ckpt, model, opt, sched) if ckpt else 0
+    step = runs.load_checkpoint(ckpt, model, opt, sched) if ckpt else 0
     os.makedirs(args.out, exist_ok=True)
     skipped, bad_steps, model = 0, 0, model.train()
     for step in range(step, stop):
@@ -157,16 +155,16 @@ def train(args):
         bad_steps += bool(window) and not stepped
         dt = time.time() - t0
         tokens = sum(len(s.ids) for s, _ in window)
-        metrics = M.all_mean(dict(step=step + 1, loss=loss, lr=sched.get_last_lr()[0], grad_norm=gnorm,
+        metrics = dist.all_mean(dict(step=step + 1, loss=loss, lr=sched.get_last_lr()[0], grad_norm=gnorm,
                                   tokens=tokens, tokens_per_s=tokens / dt, skipped=skipped,
                                   non_finite_steps=bad_steps, seconds=dt), sums=("loss",))
         if rank == 0:   # torchrun: one process writes
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            M.progress(step + 1, total, f"steps, loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+            reading.progress(step + 1, total, f"steps, loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                        f"{tokens / dt:.0f} tok/s skipped {skipped}")
         if (step + 1) % args.save_every == 0 or step + 1 == stop:
-            M.save_checkpoint(args.out, model, processor, opt, step + 1, sched)
+            runs.save_checkpoint(args.out, model, processor, opt, step + 1, sched)
     print()
     return model
 
@@ -194,52 +192,10 @@ def load_conversations(path):
         for image in images:
             M.load_image(image, check_only=True)   # each file opened and checked once, here
         return messages, images
-    return M.kept_rows(M.jsonl_lines(path), conversation, path, "conversations")
+    return reading.kept_rows(reading.jsonl_lines(path), conversation, path, "conversations")
 
 
 # ================================================================================================ the released data
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-         "observation": "user", "function": "user", "tool": "user"}   # tool outputs are user turns
-
-
-def convert(src, images_root, out):
-    """DeepEyesV2_SFT json (a list, or JSONL) of sharegpt rows {messages|conversations, images} -> our JSONL.
-    A row whose <image> placeholders and images disagree (or whose image is missing) is reported and skipped."""
-    with open(src, encoding="utf-8") as f:
-        raw = f.read()
-    rows, dec, pos = [], json.JSONDecoder(), 0
-    if raw.lstrip().startswith("["):   # walk the list item by item, so a bad row is reported with its line
-        pos = raw.index("[") + 1
-        while True:
-            while pos < len(raw) and raw[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(raw) or raw[pos] == "]":
-                break
-            item, end = dec.raw_decode(raw, pos)
-            rows.append((raw.count("\n", 0, pos) + 1, item))
-            pos = end
-    else:
-        rows = [(n, json.loads(line)) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
-    out_dir, kept = os.path.dirname(os.path.abspath(out)), 0
-    with open(out, "w", encoding="utf-8") as f:
-        for line, row in rows:
-            turns = row.get("messages") or row.get("conversations") or []
-            messages = [{"role": ROLES[t.get("role", t.get("from"))], "content": t.get("content", t.get("value"))}
-                        for t in turns if t.get("role", t.get("from")) in ROLES]
-            images = [os.path.join(images_root, p) for p in row.get("images", [])]
-            holes = sum(m["content"].count("<image>") for m in messages)
-            missing = [p for p in images if not os.path.exists(p)]
-            if holes != len(images) or missing or not any(m["role"] == "assistant" for m in messages):
-                why = f"{holes} <image> placeholders but {len(images)} images" if holes != len(images) else \
-                    f"missing image {missing[0]}" if missing else "no assistant turn"
-                print(f"{src}:{line}: skipped ({why})", file=sys.stderr)
-                continue
-            f.write(json.dumps({"images": [os.path.relpath(p, out_dir) for p in images], "messages": messages},
-                               ensure_ascii=False) + "\n")
-            kept += 1
-    print(f"wrote {kept} of {len(rows)} conversations to {out}")
-
-
 # ================================================================================================ training helpers
 def freeze_vision(model):
     """The vision tower and its projector (`visual.merger`) stay as pretrained, as in the paper."""
@@ -263,32 +219,6 @@ def cosine_with_warmup(opt, total, warmup):
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_scale)
-
-
-def bench(preset, lengths, device=None):
-    """Peak memory and tokens/s of optimizer steps (accum x batch-1 samples of `length` tokens with one image),
-    with this file's settings: vision frozen, gradient checkpointing, stochastic-rounding AdamW."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = R.bench_model(preset, device)
-    freeze_vision(model)
-    M.set_gradient_checkpointing(model)
-    model.train()
-    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    sched = cosine_with_warmup(opt, 100, 10)
-    rows = []
-    for length in lengths:
-        msgs = [{"role": "user", "content": "<image>Describe it."},
-                {"role": "assistant", "content": "<think>" + " the red mark is small" * (length // 5) + "</think>"}]
-        seq, labels = encode_conversation(processor, msgs, [Image.new("RGB", (448, 448), "red")])
-        seq.ids, seq.mm, labels = seq.ids[:length], seq.mm[:length], labels[:length]
-        rows.append(dict(tokens=len(seq.ids), **M.measure_step(
-            lambda: sft_step(model, opt, sched, [(seq, labels)] * 4, 1.0), opt, device, 4 * len(seq.ids))))
-    n = sum(p.numel() for p in model.parameters()) / 1e9
-    print(f"SFT step, {preset} ({n:.2f}B params, vision frozen, grad ckpt, batch 1 x accum 4), {device}")
-    print(f"{'tokens':>8s} {'step s':>8s} {'tok/s':>8s} {'peak GiB':>9s}")
-    for r in rows:
-        print(f"{r['tokens']:8d} {str(r['step_s']):>8s} {r['tokens_per_s']:8d} {str(r['peak_gib']):>9s}")
-    print(json.dumps(dict(bench="sft", preset=preset, device=device, rows=rows)))
 
 
 def parse_args(argv=None):
@@ -317,34 +247,22 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the data order")
     ap.add_argument("--tiny", action="store_true", help="CPU preset: lr 1e-3, 3 epochs, accum 2 in one "
                     "forward, frozen embeddings, no checkpointing")
-    ap.add_argument("--bench", metavar="PRESET", choices=["test", "mini", "7b"], help="measure peak memory and "
-                    "tokens/s of SFT steps on a random model (7b: the real architecture, GPU) and exit")
-    ap.add_argument("--bench-tokens", default="4096,20480", help="sample lengths for --bench, comma separated")
     args = ap.parse_args(argv)
     if args.tiny:
         preset = dict(lr=1e-3, epochs=3, grad_accum=2, micro_batch=2, grad_ckpt=False, save_every=50,
                       freeze_embeddings=True)
-        M.apply_preset(ap, args, argv, preset)
-    M.check_args(ap, args, positive=("epochs", "lr", "grad_accum", "micro_batch", "grad_clip", "cutoff",
+        flags.apply_preset(ap, args, argv, preset)
+    flags.check_args(ap, args, positive=("epochs", "lr", "grad_accum", "micro_batch", "grad_clip", "cutoff",
                                      "max_pixels", "steps", "save_every"), fraction=("warmup", "weight_decay"),
                  at_most=dict(lr=1.0, epochs=1000))
     return args
 
 
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "convert":
-        ap = argparse.ArgumentParser(description="convert the released DeepEyesV2_SFT json into our JSONL")
-        ap.add_argument("src", help="the released json (a list of sharegpt rows) or a JSONL of them")
-        ap.add_argument("--images-root", required=True, help="folder the rows' image paths are relative to")
-        ap.add_argument("--out", required=True, help="output JSONL (image paths are written relative to it)")
-        a = ap.parse_args(sys.argv[2:])
-        return convert(a.src, a.images_root, a.out)
     args = parse_args()
-    if args.bench:
-        return bench(args.bench, [int(x) for x in args.bench_tokens.split(",")])
-    if not args.data or not os.path.exists(args.data):
-        sys.exit(f"error: SFT data {args.data!r} not found: convert the released json with "
-                 "`python sft.py convert FILE --images-root DIR --out FILE`, or build the miniature world with "
+    if not args.data or not os.path.isfile(args.data):
+        sys.exit(f"error: SFT data {args.data!r} not found: convert the released json with `python -m "
+                 "support.convert sft FILE --images-root DIR --out FILE`, or build the miniature world with "
                  "`python data/world.py`")
     train(args)
 

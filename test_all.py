@@ -11,6 +11,13 @@ import eval as E
 import model as M
 import sft as S
 import tools as T
+from support import benchmarks as BM
+from support import convert as CV
+from support import scoring as SC
+from support import dist, optim, runs
+from support import tiny as TINY
+from support import report as RP
+from support import search_server as SS
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.jsonl")
 
@@ -18,7 +25,7 @@ CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpu
 # ================================================================================================ fixtures
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    path = M.build_tiny(str(tmp_path_factory.mktemp("tiny")), "test", seed=0)
+    path = TINY.build_tiny(str(tmp_path_factory.mktemp("tiny")), "test", seed=0)
     model, processor = M.load_model(path, device="cpu")
     return model, processor, path
 
@@ -26,7 +33,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen_tiny(tmp_path_factory):
     """A tiny Qwen2.5-VL on the real Qwen2.5 vocabulary (151,665 tokens, 152,064 output rows as the 7B's)."""
-    path = M.build_tiny(str(tmp_path_factory.mktemp("qwen")), "test", seed=0, tokenizer=M.qwen_tokenizer(),
+    path = TINY.build_tiny(str(tmp_path_factory.mktemp("qwen")), "test", seed=0, tokenizer=TINY.qwen_tokenizer(),
                         vocab_rows=152064)
     model, processor = M.load_model(path, device="cpu")
     return model, processor, path
@@ -40,7 +47,7 @@ def any_vocab(request):
 
 @pytest.fixture(scope="session")
 def search_url(tmp_path_factory):
-    return T.start_server_thread(CORPUS, image_index(tmp_path_factory.mktemp("search")))
+    return SS.start_server_thread(CORPUS, image_index(tmp_path_factory.mktemp("search")))
 
 
 def image_index(root):
@@ -82,16 +89,16 @@ def test_encode_equals_processor_on_chat_template(tiny):
 
 def test_tiny_model_is_deterministic_and_reloads_identically(tiny, tmp_path):
     model, processor, path = tiny
-    again, _ = M.load_model(M.build_tiny(str(tmp_path / "again"), "test", seed=0), device="cpu")
-    seq = M.encode(processor, f"<|im_start|>user\n{M.IMAGE_PLACEHOLDER}hi<|im_end|>\n", [Image.new("RGB", (56, 56))])
+    again, _ = M.load_model(TINY.build_tiny(str(tmp_path / "again"), "test", seed=0), device="cpu")
+    seq = M.encode(processor, f"<|im_start|>user\n{T.IMAGE_PLACEHOLDER}hi<|im_end|>\n", [Image.new("RGB", (56, 56))])
     assert torch.equal(M.token_logprobs(model, [seq]), M.token_logprobs(again, [seq]))
-    other, _ = M.load_model(M.build_tiny(str(tmp_path / "other"), "test", seed=1), device="cpu")
+    other, _ = M.load_model(TINY.build_tiny(str(tmp_path / "other"), "test", seed=1), device="cpu")
     assert not torch.allclose(M.token_logprobs(model, [seq]), M.token_logprobs(other, [seq]))
 
 
 def test_token_logprobs_are_independent_of_batch_padding(tiny):
     model, processor, _ = tiny
-    a = M.encode(processor, f"<|im_start|>user\n{M.IMAGE_PLACEHOLDER}a long question here<|im_end|>\n",
+    a = M.encode(processor, f"<|im_start|>user\n{T.IMAGE_PLACEHOLDER}a long question here<|im_end|>\n",
                  [Image.new("RGB", (84, 56), "red")])
     b = M.encode(processor, "<|im_start|>user\nshort<|im_end|>\n")
     both = M.token_logprobs(model, [a, b])
@@ -221,8 +228,8 @@ def test_image_search_finds_the_nearest_image(search_url):
 def test_image_search_min_score_keeps_only_clear_matches(tmp_path):
     index = image_index(tmp_path)
     query = Image.open(tmp_path / "1.png").resize((96, 96))
-    nearest = T.SearchIndex(CORPUS, index).image(query, 3)
-    strict = T.SearchIndex(CORPUS, index, min_image_score=0.95).image(query, 3)
+    nearest = SS.SearchIndex(CORPUS, index).image(query, 3)
+    strict = SS.SearchIndex(CORPUS, index, min_image_score=0.95).image(query, 3)
     assert len(nearest) == 3 and [r["title"] for r in strict] == ["Green Park"]
 
 
@@ -304,7 +311,7 @@ def conversation_of(traj, tok):
     text = __import__("re").sub(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>", "<image>",
                                 tok.decode(traj.seq.ids[traj.prompt_len:]))
     parts = text.split(R.OBS_PREFIX)
-    msgs = [dict(m, content=m["content"].replace(M.IMAGE_PLACEHOLDER, "<image>"))
+    msgs = [dict(m, content=m["content"].replace(T.IMAGE_PLACEHOLDER, "<image>"))
             for m in R.load_prompt("agent").messages(traj.sample)] + [{"role": "assistant", "content": parts[0]}]
     for part in parts[1:]:
         obs, turn = part.split(R.OBS_SUFFIX)
@@ -322,14 +329,14 @@ def test_rollout_ids_are_the_encoding_of_its_segments(any_vocab, search_url):
     [t] = R.rollout(model, processor, [sample()], script=scripted(SCRIPT), search_url=search_url)
     msgs = conversation_of(t, tok)
     prompt = M.encode(processor, processor.apply_chat_template(
-        [dict(m, content=m["content"].replace("<image>", M.IMAGE_PLACEHOLDER)) for m in msgs[:2]], tokenize=False,
+        [dict(m, content=m["content"].replace("<image>", T.IMAGE_PLACEHOLDER)) for m in msgs[:2]], tokenize=False,
         add_generation_prompt=True), SCRIPT_IMAGES[:1])
     ids, images = list(prompt.ids), SCRIPT_IMAGES[1:]
     for k, turn in enumerate(SCRIPT):   # each model turn as sampled, then its observation with the prefilled <think>
         ids += tok.encode(turn, add_special_tokens=False)
         if k < len(SCRIPT) - 1:
-            obs = msgs[3 + 2 * k]["content"].replace("<image>", M.IMAGE_PLACEHOLDER)
-            n = obs.count(M.IMAGE_PLACEHOLDER)
+            obs = msgs[3 + 2 * k]["content"].replace("<image>", T.IMAGE_PLACEHOLDER)
+            n = obs.count(T.IMAGE_PLACEHOLDER)
             ids += M.encode(processor, R.OBS_PREFIX + obs + R.OBS_SUFFIX, images[:n]).ids
             images = images[n:]
     assert ids == t.seq.ids
@@ -499,7 +506,7 @@ def test_rule_score(pred, gold, ok):
 
 def test_an_answer_naming_two_options_chooses_neither():
     for pred in ["(B) and (E)", "B or D", "B is incorrect; the correct option is A.", "B, C"]:
-        assert G.rule_score(pred, "B") == 0.0 and G.choice_letter(pred) is None
+        assert G.rule_score(pred, "B") == 0.0 and SC.choice_letter(pred) is None
         assert G.compute_reward(f"<think>x</think><answer>{pred}</answer>", "B", "perception")["acc"] == 0.0
     assert G.rule_score("B. A cat", "B", "Which?\nA. a dog\nB. a cat") == 1.0   # the option's own text, "A" an article
     assert G.rule_score("(B) a cat", "B") == G.rule_score("Option B", "B") == G.rule_score("b", "B") == 1.0
@@ -589,7 +596,7 @@ def test_grpo_step_of_flat_groups_skips_the_forward_and_steps_as_its_zero_gradie
     trajs = R.rollout(model, processor, [sample()], n=2, script=scripted(["<think>a</think><answer>1</answer>"]))
     args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--lr", "1e-2", "--weight-decay", "0.1"])
     work = __import__("copy").deepcopy(model).train()
-    opt = M.AdamW([p for p in work.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    opt = optim.AdamW([p for p in work.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     monkeypatch.setattr(M, "token_logprobs", lambda *a, **k: pytest.fail("a flat step ran a forward"))
     stats = G.grpo_update(work, opt, trajs, torch.zeros(2), args)
     assert stats["grad_norm"] == 0.0 and "entropy" not in stats
@@ -622,11 +629,12 @@ def test_checkpoint_is_atomic_and_resumes(tiny, tmp_path):
     model, processor, _ = tiny
     work = __import__("copy").deepcopy(model)
     opt = torch.optim.AdamW(work.parameters(), lr=1e-3)
-    M.save_checkpoint(str(tmp_path), work, processor, opt, 7)
-    assert os.listdir(tmp_path) == ["checkpoint"] and M.checkpoint_step(str(tmp_path / "checkpoint")) == 7
+    runs.save_checkpoint(str(tmp_path), work, processor, opt, 7)
+    assert os.listdir(tmp_path) == ["checkpoint"] and runs.checkpoint_step(str(tmp_path / "checkpoint")) == 7
     fresh, _ = M.load_model(str(tmp_path / "checkpoint"), device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(work.state_dict().values(), fresh.state_dict().values()))
-    assert M.load_checkpoint(str(tmp_path / "checkpoint"), fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3)) == 7
+    opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    assert runs.load_checkpoint(str(tmp_path / "checkpoint"), fresh, opt) == 7
 
 
 # ================================================================================================ sft.py
@@ -713,7 +721,7 @@ def test_sft_converter_keeps_good_rows_and_reports_bad_ones_by_line(tmp_path, ca
     missing = dict(good, images=["nope.png"])
     (tmp_path / "src.json").write_text(json.dumps([good, two_holes, sharegpt, missing], indent=1))
     (tmp_path / "out").mkdir()
-    S.convert(str(tmp_path / "src.json"), str(tmp_path), str(tmp_path / "out" / "sft.jsonl"))
+    CV.convert_sft(str(tmp_path / "src.json"), str(tmp_path), str(tmp_path / "out" / "sft.jsonl"))
     err = capsys.readouterr().err
     starts = [i for i, line in enumerate((tmp_path / "src.json").read_text().splitlines(), 1) if line == " {"]
     assert f"src.json:{starts[1]}: skipped (2 <image> placeholders but 1 images)" in err
@@ -736,7 +744,7 @@ def test_adamw_equals_torch_on_float32_and_keeps_small_bf16_updates():
     torch.manual_seed(0)
     w = torch.randn(64, 8)
     ours, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
-    opts = [M.AdamW([ours], lr=1e-2, weight_decay=0.1), torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)]
+    opts = [optim.AdamW([ours], lr=1e-2, weight_decay=0.1), torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)]
     for _ in range(5):
         g = torch.randn(64, 8)
         for p, o in zip((ours, ref), opts):
@@ -744,7 +752,7 @@ def test_adamw_equals_torch_on_float32_and_keeps_small_bf16_updates():
     assert torch.allclose(ours, ref, atol=1e-6)
     # 100 steps of lr 1e-4 on weights of 1.0 (bf16 ulp there: 2^-7): Adam moves each by ~0.01 in total
     moved = []
-    for opt_class in (M.AdamW, torch.optim.AdamW):
+    for opt_class in (optim.AdamW, torch.optim.AdamW):
         p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
         opt = opt_class([p], lr=1e-4, weight_decay=0.0)
         for _ in range(100):
@@ -775,7 +783,7 @@ def answering(text_of):
     (None, dict(answers=["1"]), 0.0),
 ])
 def test_eval_scorer_table(pred, item, expected):
-    assert E.score(pred, E.Item("x", "q", images=[], **item)) == expected
+    assert E.score(pred, BM.Item("x", "q", images=[], **item)) == expected
 
 
 def test_eval_scorer_asks_the_judge_only_when_rules_fail_and_never_scores_its_outage():
@@ -784,7 +792,7 @@ def test_eval_scorer_asks_the_judge_only_when_rules_fail_and_never_scores_its_ou
     class Judge:
         perception = math = staticmethod(lambda q, gold, pred: calls.append(pred) or 1.0)
     judge = Judge()
-    item = E.Item("x", "q", ["1889"], [])
+    item = BM.Item("x", "q", ["1889"], [])
     assert E.score("1889", item, judge) == 1.0 and calls == []
     assert E.score("eighteen eighty-nine", item, judge) == 1.0 and calls == ["eighteen eighty-nine"]
 
@@ -820,7 +828,7 @@ def test_benchmark_names_are_matched_without_regard_to_case(capsys):
 def test_a_tool_the_prompt_does_not_offer_is_no_action_never_an_infrastructure_error(tiny, tmp_path):
     model, processor, _ = tiny
     image = os.path.join(os.path.dirname(MATHVISION), "images", "4.jpg")
-    items = [E.Item(k, "What year?", ["1889"], [image], image_paths=["4.jpg"]) for k in ("right", "search")]
+    items = [BM.Item(k, "What year?", ["1889"], [image], image_paths=["4.jpg"]) for k in ("right", "search")]
     search = '<think>look it up</think><tool_call>{"name": "search", "arguments": {"query": "x"}}</tool_call>'
     script = lambda t, turn: SCRIPT[-1] if t.sample.id == "right" else search + "<|im_end|>"
     rows = E.evaluate(model, processor, items, str(tmp_path), script=script, search_url="http://127.0.0.1:9",
@@ -840,8 +848,8 @@ def test_a_benchmark_row_without_an_answer_is_a_bad_row(tmp_path, capsys):
     assert "LogicVista.tsv:3: skipped" in capsys.readouterr().err
     for gold in [None, "", {"a": 1}, [], [""]]:
         with pytest.raises(ValueError):
-            E.gold_answers(gold)
-    assert E.gold_answers(0) == ["0"] and E.gold_answers(["Seine", ""]) == ["Seine"]
+            BM.gold_answers(gold)
+    assert BM.gold_answers(0) == ["0"] and BM.gold_answers(["Seine", ""]) == ["Seine"]
 
 
 def test_eval_resumes_after_a_crash_without_redoing_items(tiny, tmp_path):
@@ -893,7 +901,7 @@ def test_eval_on_real_mathvision_testmini_end_to_end(tiny, tmp_path):
 
 def test_eval_saves_tool_output_images_by_path(any_vocab, tmp_path):
     model, processor, _ = any_vocab
-    item = E.Item("q/1", "How big?", ["1889"], [os.path.join(os.path.dirname(MATHVISION), "images", "4.jpg")],
+    item = BM.Item("q/1", "How big?", ["1889"], [os.path.join(os.path.dirname(MATHVISION), "images", "4.jpg")],
                   image_paths=["4.jpg"])
     [row] = E.evaluate(model, processor, [item], str(tmp_path), script=scripted([SCRIPT[0], SCRIPT[-1]]),
                        **dict(TINY_EVAL, max_turn_tokens=96))
@@ -993,7 +1001,7 @@ def test_rollout_first_tokens_are_the_prompt_set(tiny, name):
     [t] = R.rollout(model, processor, [sample()], prompt=R.load_prompt(name), script=scripted(SCRIPT[-1:]))
     text = __import__("re").sub(r"(<\|image_pad\|>)+", "<|image_pad|>",
                                 processor.tokenizer.decode(t.seq.ids[:t.prompt_len]))
-    question, image = "When was it built?", M.IMAGE_PLACEHOLDER
+    question, image = "When was it built?", T.IMAGE_PLACEHOLDER
     user = {"agent": read_prompt("agent_user_prompt.txt").replace("<image>", image).replace("{question}", question),
             "code": image + read_prompt("code_user_prompt.txt").replace("{question}", question),
             "direct": image + question}[name]
@@ -1108,10 +1116,10 @@ QUESTION_8 = "Pick one.\n" + "\n".join(f"({c}) {i}" for i, c in enumerate("ABCDE
 ])
 def test_one_scorer_decides_the_same_in_the_reward_and_in_eval(pred, gold, question, ok):
     reward = G.compute_reward(f"<think>x</think><answer>{pred}</answer>", gold, "perception", question)["acc"]
-    options = G.parse_options(question)
-    gold_letter = E.LETTERS[[G.normalize(o) for o in options].index(G.normalize(gold))] if G.normalize(gold) in \
-        [G.normalize(o) for o in options] else gold
-    item = E.Item("x", question, [a.strip() for a in gold_letter.split(" or ")], [], options=options)
+    options = SC.parse_options(question)
+    gold_letter = SC.LETTERS[[SC.normalize(o) for o in options].index(SC.normalize(gold))] if SC.normalize(gold) in \
+        [SC.normalize(o) for o in options] else gold
+    item = BM.Item("x", question, [a.strip() for a in gold_letter.split(" or ")], [], options=options)
     assert reward == E.score(pred, item) == ok
 
 
@@ -1175,7 +1183,7 @@ def test_converted_parquet_row_trains_with_its_own_prompt(tiny, tmp_path):
             dict(prompt=None, images=[{"bytes": buf.getvalue(), "path": None}], data_source="reason",
                  reward_model={"ground_truth": "1", "style": "model"}, extra_info={"index": "p-2", "question": "1?"})]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rl.parquet")
-    G.convert([str(tmp_path / "rl.parquet")], str(tmp_path / "out"))
+    CV.convert_rl([str(tmp_path / "rl.parquet")], str(tmp_path / "out"))
     a, b = G.load_prompts(str(tmp_path / "out" / "rl.jsonl"))
     assert (a.id, a.question, a.answer, a.prompt) == ("p-1", "What colour?", "red", own) and b.prompt is None
     model, processor, _ = tiny
@@ -1193,7 +1201,7 @@ def test_sft_converter_keeps_system_and_user_turns_byte_for_byte(tmp_path):
     row = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
                         {"role": "assistant", "content": "<think>x</think><answer>y</answer>"}], "images": ["a.png"]}
     (tmp_path / "src.json").write_text(json.dumps([row], ensure_ascii=False), encoding="utf-8")
-    S.convert(str(tmp_path / "src.json"), str(tmp_path), str(tmp_path / "sft.jsonl"))
+    CV.convert_sft(str(tmp_path / "src.json"), str(tmp_path), str(tmp_path / "sft.jsonl"))
     [(messages, _)] = S.load_conversations(str(tmp_path / "sft.jsonl"))
     assert messages[0]["content"] == system and messages[1]["content"] == user
 
@@ -1255,7 +1263,7 @@ def test_special_tokens_in_tool_output_stay_plain_text(any_vocab, tmp_path):
     tok = processor.tokenizer
     (tmp_path / "web.jsonl").write_text(json.dumps(dict(title="Evil " + INJECTION, link="https://x.y/" + INJECTION,
                                                         text="Eiffel " + INJECTION)) + "\n")
-    url = T.start_server_thread(str(tmp_path / "web.jsonl"))
+    url = SS.start_server_thread(str(tmp_path / "web.jsonl"))
     code = f"<code>\n```python\nprint(bytes.fromhex('{INJECTION.encode().hex()}').decode())\n```\n</code>"
     search = '<tool_call>{"name": "search", "arguments": {"query": "Eiffel"}}</tool_call>'
     [t] = R.rollout(model, processor, [sample()], script=scripted([code, search, SCRIPT[-1]]), search_url=url)
@@ -1304,16 +1312,16 @@ def test_corrupt_search_cache_entry_is_fetched_again(search_url, tmp_path, monke
 def test_crash_between_the_two_renames_resumes_from_the_newest_checkpoint(tiny, tmp_path):
     model, processor, _ = tiny
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    M.save_checkpoint(str(tmp_path), model, processor, opt, 2)
+    runs.save_checkpoint(str(tmp_path), model, processor, opt, 2)
     os.rename(tmp_path / "checkpoint", tmp_path / "older")
-    M.save_checkpoint(str(tmp_path), model, processor, opt, 4)
+    runs.save_checkpoint(str(tmp_path), model, processor, opt, 4)
     # save_checkpoint killed between its renames: the old one moved aside, the new one complete, not yet in place
     os.rename(tmp_path / "checkpoint", tmp_path / "checkpoint.tmp999")
     os.rename(tmp_path / "older", tmp_path / "checkpoint.old")
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 7)) + '{"st')
-    assert M.open_run(str(tmp_path), resume=True) == str(tmp_path / "checkpoint")
+    assert runs.open_run(str(tmp_path), resume=True) == str(tmp_path / "checkpoint")
     assert sorted(os.listdir(tmp_path)) == ["checkpoint", "metrics.jsonl"]
-    assert M.checkpoint_step(str(tmp_path / "checkpoint")) == 4
+    assert runs.checkpoint_step(str(tmp_path / "checkpoint")) == 4
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]   # no doubles
 
 
@@ -1477,24 +1485,24 @@ def test_files_rewritten_in_place_are_replaced_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda a, b: written.append(open(a).read()) or (_ for _ in ()).throw(
         KeyboardInterrupt))   # killed just before the rename
     with pytest.raises(KeyboardInterrupt):
-        M.open_run(str(tmp_path), resume=True)
+        runs.open_run(str(tmp_path), resume=True)
     assert len(open(metrics).readlines()) == 6 and written[0].count("\n") == 2   # the old file whole
     monkeypatch.setattr(os, "replace", real_replace)
-    assert M.open_run(str(tmp_path), resume=True) and len(open(metrics).readlines()) == 2
+    assert runs.open_run(str(tmp_path), resume=True) and len(open(metrics).readlines()) == 2
 
 
 def test_a_truncated_checkpoint_is_incomplete_and_said_so(tiny, tmp_path):
     model, processor, _ = tiny
-    M.save_checkpoint(str(tmp_path), model, processor, torch.optim.SGD(model.parameters(), lr=0.1), 3)
-    assert M.checkpoint_step(str(tmp_path / "checkpoint")) == 3
+    runs.save_checkpoint(str(tmp_path), model, processor, torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    assert runs.checkpoint_step(str(tmp_path / "checkpoint")) == 3
     for name in ("trainer_state.pt", "model.safetensors"):
         path = tmp_path / "checkpoint" / name
         whole = path.read_bytes()
         path.write_bytes(whole[:len(whole) // 2])
         with pytest.raises(SystemExit, match="incomplete checkpoint"):
-            M.open_run(str(tmp_path), resume=True)
+            runs.open_run(str(tmp_path), resume=True)
         path.write_bytes(whole)
-    assert M.open_run(str(tmp_path), resume=True) == str(tmp_path / "checkpoint")
+    assert runs.open_run(str(tmp_path), resume=True) == str(tmp_path / "checkpoint")
 
 
 def test_eval_names_the_weights_by_content_and_retries_against_a_new_search_url(tiny, tmp_path):
@@ -1505,13 +1513,13 @@ def test_eval_names_the_weights_by_content_and_retries_against_a_new_search_url(
             "--max-turns", "1", "--max-turn-tokens", "4", "--batch", "2", "--model", str(ckpt)]
     E.main(argv)
     E.main(argv + ["--search-url", "http://127.0.0.1:9"])   # another search backend: the same run, resumed
-    before = M.model_fingerprint(str(ckpt))
+    before = runs.model_fingerprint(str(ckpt))
     model = M.load_model(str(ckpt))[0]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
     model.save_pretrained(str(ckpt))   # a later save replaces the checkpoint in place: same path, other weights
-    assert M.model_fingerprint(str(ckpt)) != before
+    assert runs.model_fingerprint(str(ckpt)) != before
     with pytest.raises(SystemExit, match="different weights"):
         E.main(argv)
 
@@ -1520,7 +1528,7 @@ def test_search_server_holds_no_thread_for_stalled_or_slow_clients(tmp_path, cap
     import socket
     import requests
     (tmp_path / "c.jsonl").write_text(json.dumps(dict(title="T", text="tower")) + "\n")
-    server = T.make_server(T.SearchIndex(str(tmp_path / "c.jsonl")), port=0, timeout=1.5, max_connections=4)
+    server = SS.make_server(SS.SearchIndex(str(tmp_path / "c.jsonl")), port=0, timeout=1.5, max_connections=4)
     __import__("threading").Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     stalled = [socket.create_connection(server.server_address) for _ in range(4)]
@@ -1562,14 +1570,14 @@ def test_search_server_times_out_answers_400_and_caps_results(tmp_path):
     import requests
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(dict(title=f"T{i}", text=f"tower {i}")) + "\n"
                                               for i in range(80)))
-    server = T.make_server(T.SearchIndex(str(tmp_path / "c.jsonl")), port=0, timeout=1)
+    server = SS.make_server(SS.SearchIndex(str(tmp_path / "c.jsonl")), port=0, timeout=1)
     assert server.request_queue_size >= 128
     __import__("threading").Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     for body in ([1, 2], {"q": "tower", "num": "x"}, {"q": "tower", "num": -1}, {"num": 3}):
         assert requests.post(url + "/search", json=body, timeout=5).status_code == 400, body
     assert len(requests.post(url + "/search", json={"q": "tower", "num": 1e9}, timeout=5).json()["organic"]) == \
-        T.MAX_RESULTS
+        SS.MAX_RESULTS
     s = socket.create_connection(server.server_address)   # promises 100 bytes, sends 10, then waits
     s.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"q\": \"to")
     s.settimeout(10)
@@ -1661,7 +1669,7 @@ def test_each_loader_reads_its_published_format_and_scores_gold_as_right(bench, 
     assert constant_a == sum(it.answers[0] == "A" for it in items)   # "A" scores exactly the share of gold "A"
     for it in items:
         if it.options:   # the option's text scores as its letter
-            assert E.score(it.options[E.LETTERS.index(it.answers[0])], it) == 1.0
+            assert E.score(it.options[SC.LETTERS.index(it.answers[0])], it) == 1.0
     if bench == "VStarBench":
         assert len(items[3].images) == 2 and items[2].images[0] == items[0].images[0]
         assert "Question: Which side?\nOptions:\nA. left\nB. right\nC. up\n" in items[2].question
@@ -1719,8 +1727,9 @@ def test_judge_maps_a_free_answer_to_an_option_and_its_outage_is_retried(fake_ju
 
 def test_bench_all_prints_the_papers_table_and_records_each_protocol(tiny, tmp_path, monkeypatch, capsys):
     os.makedirs(tmp_path / "data")
-    monkeypatch.setattr(E, "DATA_DIR", str(benchmark_files(tmp_path / "data")))
-    monkeypatch.setattr(E.requests, "get", lambda *a, **k: (_ for _ in ()).throw(E.requests.ConnectionError("offline")))
+    monkeypatch.setattr(BM, "DATA_DIR", str(benchmark_files(tmp_path / "data")))
+    offline = BM.requests.ConnectionError("offline")
+    monkeypatch.setattr(BM.requests, "get", lambda *a, **k: (_ for _ in ()).throw(offline))
     results = E.main(["--bench", "all", "--model", tiny[2], "--limit", "2", "--out", str(tmp_path / "runs"),
                       "--max-turns", "1", "--max-turn-tokens", "4", "--batch", "4"])
     out = capsys.readouterr().out
@@ -1746,11 +1755,11 @@ def test_benchmark_download_is_checked_and_cached(tmp_path, monkeypatch):
         return good if path == "/good.tsv" else good.replace(b"q", b"Q")
     server, base = loopback(answer)
     md5 = hashlib.md5(good).hexdigest()
-    monkeypatch.setitem(E.BENCHES, "OCRBench", E.vlmevalkit("OCRBench", "ocr", url=base + "/good.tsv", md5=md5))
+    monkeypatch.setitem(E.BENCHES, "OCRBench", BM.vlmevalkit("OCRBench", "ocr", url=base + "/good.tsv", md5=md5))
     path = str(tmp_path / "cache" / "OCRBench.tsv")
     assert E.fetch("OCRBench", path) == path and open(path, "rb").read() == good and served == ["/good.tsv"]
     assert E.fetch("OCRBench", path) == path and served == ["/good.tsv"]          # cached: not fetched again
-    monkeypatch.setitem(E.BENCHES, "OCRBench", E.vlmevalkit("OCRBench", "ocr", url=base + "/bad.tsv", md5=md5))
+    monkeypatch.setitem(E.BENCHES, "OCRBench", BM.vlmevalkit("OCRBench", "ocr", url=base + "/bad.tsv", md5=md5))
     os.remove(path)
     assert E.fetch("OCRBench", path) is None and not os.path.exists(path)         # a corrupt copy is refused
     server.shutdown()
@@ -1847,7 +1856,7 @@ def test_grpo_plot_draws_the_runs_curves(tmp_path):
     rows = [dict(step=k, reward=0.1 * k, acc=0.1 * k, code_calls=1.0, search_calls=0.5, image_search_calls=0.0,
                  response_tokens=100 - k, entropy=0.5) for k in range(1, 6)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    png = G.plot(str(tmp_path / "metrics.jsonl"))
+    png = RP.plot(str(tmp_path / "metrics.jsonl"))
     image = Image.open(png)
     assert png.endswith("metrics.png") and image.size[0] > 4 * image.size[1] > 0   # five panels side by side
     low, high = image.convert("L").getextrema()
@@ -1863,7 +1872,7 @@ def one_update_at(rank, world, path, out, port):
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
-        M.dist_init()
+        dist.dist_init()
     model, processor = M.load_model(path, device="cpu")
     answers = ["1889", "1890", "Paris", "no idea"]
     trajs = R.rollout(model, processor, [sample("red"), sample("blue")], n=2, max_turns=1, tools_on=False,
@@ -1876,13 +1885,13 @@ def one_update_at(rank, world, path, out, port):
                                                                                  "</answer>"}],
                                     [Image.new("RGB", (56, 56), c)]) for c in ("red", "blue", "green")]
     if world > 1:
-        M.shard(model)
-    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        dist.shard(model)
+    opt = optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     args = types.SimpleNamespace(micro_batch=1, mini_batch=2, group=2, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
                                  kl=0.0, grad_clip=1.0)
     grpo = G.grpo_update(model, opt, [trajs[k] for k in mine], adv[mine], args, world)
     loss, gnorm, _ = S.sft_step(model, opt, S.cosine_with_warmup(opt, 10, 1), window, 1.0, rank, world)
-    M.save_checkpoint(out, model, processor, opt, 2)
+    runs.save_checkpoint(out, model, processor, opt, 2)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"norms{rank}.json"), "w") as f:   # Adam hides a gradient's scale: check it here
         json.dump(dict(grpo=grpo["grad_norm"], sft=gnorm, sft_loss=loss), f)
@@ -1910,11 +1919,11 @@ def test_two_processes_train_as_one(tiny, tmp_path):
     assert norms[0]["sft"] == pytest.approx(norms[1]["sft"], rel=1e-5)
     assert norms[0]["sft_loss"] == pytest.approx(norms[1]["sft_loss"] + norms[2]["sft_loss"], rel=1e-5)
     model, _ = M.load_model(os.path.join(two, "checkpoint"), device="cpu")
-    opt = M.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    assert M.load_checkpoint(os.path.join(two, "checkpoint"), model, opt, S.cosine_with_warmup(opt, 10, 1)) == 2
+    opt = optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    assert runs.load_checkpoint(os.path.join(two, "checkpoint"), model, opt, S.cosine_with_warmup(opt, 10, 1)) == 2
     ref, _ = M.load_model(os.path.join(one, "checkpoint"), device="cpu")
-    ref_opt = M.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-3)
-    M.load_checkpoint(os.path.join(one, "checkpoint"), ref, ref_opt, S.cosine_with_warmup(ref_opt, 10, 1))
+    ref_opt = optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-3)
+    runs.load_checkpoint(os.path.join(one, "checkpoint"), ref, ref_opt, S.cosine_with_warmup(ref_opt, 10, 1))
     for p, q in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
         assert opt.state[p]["step"] == ref_opt.state[q]["step"] == 2
         assert torch.allclose(opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"], atol=1e-6)

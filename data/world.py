@@ -13,8 +13,8 @@ Four RealX-style categories that need a tool for real, and one that does not:
                 paper's tool calls per sample fell from ~1.45 to ~1.1 under RL). It is asked among the search data,
                 so the one term of the original's reward that touches tool use applies: a search-type answer's
                 accuracy is multiplied by 0.9 when the response holds a <tool_call> (no tool bonus, no other cost)
-The local search corpus and image index (for `python tools.py serve --min-image-score 0.95`) are generated with the
-items.
+The local search corpus and image index (for `python -m support.search_server --min-image-score 0.95`) are generated
+with the items.
 
 Cold start and RL data differ, as in the paper (RL data is broader than the cold start): the expert's cold-start
 items ask each category in one wording (COLD_QUESTION), while half of the RL prompts and of the held-out items use
@@ -36,7 +36,7 @@ What made it work (each measured, teacher-forced on held-out expert trajectories
     vocabulary and can copy a word it has read; without it no held-out town reaches a search query;
   - frozen token embeddings in the tiny SFT and GRPO (`--tiny`): trained, the ~250 training towns' embeddings move
     and copying of towns never trained on falls to 0% (frozen: 100% in search);
-  - tiny embeddings initialised at 1/sqrt(hidden) (model.build_tiny): at 0.02 the tied output layer cannot make
+  - tiny embeddings initialised at 1/sqrt(hidden) (support.tiny.build_tiny): at 0.02 the tied output layer cannot make
     confident logits and GRPO's temperature-1 samples broke the protocol (format reward 3%);
   - image search returns only clear matches (IMAGE_MATCH): with the 3 nearest flags the model had to copy the first
     of three town names, and queried a town it had seen in training instead (integration 56% after SFT, 3 seeds).
@@ -60,6 +60,7 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))   # the stages live one folder up
 import tools  # noqa: E402
+from support import optim, report, search_server, tiny as TINY  # noqa: E402
 
 PALETTE = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30),
            "purple": (140, 50, 170), "orange": (240, 130, 20)}
@@ -293,7 +294,7 @@ def build(out=os.path.join(HERE, "world"), seed=0, n_sft=96, n_rl=24, n_heldout=
     for s, items in splits.items():
         with open(os.path.join(out, f"{'sft_items' if s == 'sft' else s}.jsonl"), "w") as f:
             f.writelines(json.dumps(it) + "\n" for it in items)
-    url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"),
+    url = search_server.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"),
                                     min_image_score=IMAGE_MATCH)
     kept = 0
     with open(os.path.join(out, "sft.jsonl"), "w") as f, ThreadPoolExecutor(4) as pool:   # mostly sandbox waits
@@ -337,7 +338,7 @@ def pretrain_recall(path, words, steps=500, seed=0):
     targets = [tok.convert_tokens_to_ids(w) for w in words] + [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
     filler = sorted(set(range(20, len(tok))) - set(targets) - set(tok.get_added_vocab().values()))   # no tags
     sep = tok.encode(" ->", add_special_tokens=False)
-    opt = M.AdamW(model.parameters(), lr=1e-3)
+    opt = optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     for step in range(steps):
         seqs, length = [], rng.randint(5, 40)   # one length a batch: no padding (2/5 of the compute at mixed lengths)
@@ -379,10 +380,10 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
 
     build(out, seed, n_sft, n_rl, n_heldout, new_wording=new_wording)
     lap("world")
-    base = M.build_tiny(os.path.join(runs, "base"), "mini", seed, corpus=texts(out), words=words(out))
+    base = TINY.build_tiny(os.path.join(runs, "base"), "mini", seed, corpus=texts(out), words=words(out))
     pretrain_recall(base, words(out), seed=seed)
     lap("base")
-    url = tools.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"),
+    url = search_server.start_server_thread(os.path.join(out, "corpus.jsonl"), os.path.join(out, "image_index.jsonl"),
                                     min_image_score=IMAGE_MATCH)
     items = E.load("toy", os.path.join(out, "heldout.jsonl"))
     px = ["--max-pixels", str(WORLD_MAX_PIXELS)]
@@ -415,7 +416,7 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     lap("GRPO")
     evaluate("SFT+GRPO", os.path.join(runs, "grpo", "checkpoint"))
     E.report(os.path.join(runs, "eval", "SFT+GRPO"), data_root=out)   # every held-out trajectory, in a browser
-    G.plot(os.path.join(runs, "grpo", "metrics.jsonl"))                 # the RL curves
+    report.plot(os.path.join(runs, "grpo", "metrics.jsonl"))                 # the RL curves
     evaluate("SFT+GRPO, tools disabled", os.path.join(runs, "grpo", "checkpoint"), tools_on=False)
     if from_base:
         grpo(base, "grpo-from-base")
