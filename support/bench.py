@@ -257,8 +257,10 @@ def bench_grpo(preset, lengths, micro, device=None):
     args = G.parse_args(["--mini-batch", "1", "--group", str(2 * micro), "--micro-batch", str(micro)])
     rows = []
     for length in lengths:
-        t = start(processor, Sample([Image.new("RGB", (448, 448), "red")], "What is small?"))
+        t = start(processor, Sample([Image.new("RGB", (448, 448), "red")], "What is small?"), load_prompt("agent"))
         n = length - len(t.seq.ids)
+        if n < 0:
+            sys.exit(f"error: --tokens {length} is shorter than the prompt ({len(t.seq.ids)} tokens)")
         t.seq.ids += [processor.tokenizer.encode(" mark")[0]] * n
         t.seq.mm += [0] * n
         t.action_mask += [1, 0] * (n // 2) + [1] * (n % 2)
