@@ -9,7 +9,7 @@ trainer -> mini-batch updates -> metrics JSONL -> atomic, resumable checkpoint. 
 
 The reward is the original's, judge prompts and verdicts included (data/PROTOCOL.md, Reward); without a judge the
 rules decide (support/scoring.py, which eval uses too). As the authors ran it: no KL and no reference model, no entropy
-bonus, zero-variance groups kept (advantage 0); `--kl` and `--drop-flat-groups` turn those on. Deliberate choice:
+bonus, zero-variance groups kept (advantage 0). Deliberate choice:
 trajectories that hit an infrastructure error (sandbox or search backend down, judge unreachable or without a
 verdict) get advantage 0: they are counted, never learned from (the original scored them as wrong answers).
 
@@ -66,19 +66,12 @@ def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_cli
     return per_seq.mean(), clip_frac
 
 
-def kl_k3(logp, ref_logp, mask):
-    """The k3 estimate of KL(policy || reference) per token, exp(r) - r - 1 with r = ref - logp (>= 0, unbiased),
-    averaged over each sequence's model tokens, then over sequences (as the policy loss)."""
-    r = ref_logp - logp
-    return (((r.exp() - r - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-
-
 # ================================================================================================ the loop
 def train(args):
     rank, world = dist.dist_init()   # torchrun: this process's rank and the number of processes; else (0, 1)
-    if world > 1 and (args.prompts % world or args.mini_batch % world or args.drop_flat_groups):
-        sys.exit(f"error: with {world} processes --prompts and --mini-batch must divide by {world} (each rank rolls "
-                 "out whole groups of an equal share), and --drop-flat-groups is single-process only")
+    if world > 1 and (args.prompts % world or args.mini_batch % world):
+        sys.exit(f"error: with {world} processes --prompts and --mini-batch must divide by {world} (each rank "
+                 "rolls out whole groups of an equal share)")
     torch.manual_seed(args.seed + rank)
     samples = load_prompts(args.data)
     if not samples:
@@ -101,7 +94,6 @@ def train(args):
     image_cache = tools.ImageSearchCache(args.image_search_cache) if args.image_search_cache else None
     os.makedirs(args.out, exist_ok=True)
     n_batches = min(args.steps, math.ceil(len(samples) * args.epochs / args.prompts))
-    ref = None   # the KL reference model (--kl only)
     for step in range(step, n_batches):
         t0 = time.time()
         prompts = [samples[(step * args.prompts + k) % len(samples)] for k in range(args.prompts)]
@@ -116,17 +108,9 @@ def train(args):
         rollout_metrics = batch_metrics(trajs)
         # <- the advantage: over each group's sound trajectories (a broken tool or judge is never learned from)
         adv = group_advantages([t.reward["score"] for t in trajs], args.group, [not t.infra_errors for t in trajs])
-        if args.drop_flat_groups:
-            flat = adv.view(-1, args.group).abs().sum(1) == 0
-            trajs = [t for k, t in enumerate(trajs) if not flat[k // args.group]]
-            adv = adv.view(-1, args.group)[~flat].view(-1)
-        if args.kl:
-            ref = ref or M.load_model(args.model)[0]   # loaded once, on the first step that needs it
-            for t, lp in zip(trajs, recompute_logprobs(ref, trajs, args.micro_batch)):
-                t.ref_logp = lp
         t2 = time.time()
         model.train()
-        upd = grpo_update(model, opt, trajs, adv, args, world) if trajs else {}
+        upd = grpo_update(model, opt, trajs, adv, args, world)
         if sampler is not model:
             dist.copy_weights(model, sampler)   # the rollout's copy takes the updated weights
         metrics = dist.all_mean(dict(step=step + 1, **rollout_metrics, **upd, t_rollout=t1 - t0, t_reward=t2 - t1,
@@ -153,7 +137,7 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
     order = sorted(range(len(trajs)), key=lambda k: (k // per_step, len(trajs[k].seq.ids)))
     trajs, adv = [trajs[k] for k in order], adv[order]
     params = [p for p in model.parameters() if p.requires_grad]
-    flat = lambda s: world == 1 and not args.kl and not adv[s:s + per_step].any()
+    flat = lambda s: world == 1 and not adv[s:s + per_step].any()
     # old log-probs are the trainer's before this batch's first step: for that step, its own forward, detached
     # (ratio exactly 1); the later steps' are recomputed now, before anything moves
     later = [] if all(map(flat, range(per_step, len(trajs), per_step))) else trajs[per_step:]
@@ -180,10 +164,6 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
                 [torch.nn.functional.pad(old[i + b], (0, T - len(old[i + b]))) for b in range(len(chunk))]).to(dev)
             loss, cf = policy_loss(logp, old_lp, adv[i:i + len(chunk)].to(dev), mask, args.clip_low, args.clip_high,
                                    args.dual_clip)
-            if args.kl:   # optional (off in the paper): a KL penalty to the reference model
-                ref = torch.stack([torch.nn.functional.pad(t.ref_logp, (0, T - len(t.ref_logp)))
-                                   for t in chunk]).to(dev)
-                loss = loss + args.kl * kl_k3(logp, ref, mask)
             (loss * len(chunk) / min(per_step, len(trajs) - s)).backward()   # sequences weigh the same in the mean
             clip.append(cf.item())
             ent.append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
@@ -321,8 +301,6 @@ def parse_args(argv=None):
     ap.add_argument("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1")
     ap.add_argument("--clip-high", type=float, default=0.2, help="PPO ratio clip above 1")
     ap.add_argument("--dual-clip", type=float, default=3.0, help="cap of the loss for negative advantages, x|A|")
-    ap.add_argument("--kl", type=float, default=0.0, help="KL coefficient to the start model (paper: 0, off)")
-    ap.add_argument("--drop-flat-groups", action="store_true", help="drop groups with equal rewards (paper: kept)")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     ap.add_argument("--max-turns", type=int, default=9, help="model turns per trajectory")
@@ -356,7 +334,7 @@ def parse_args(argv=None):
     flags.check_args(ap, args, positive=("prompts", "mini_batch", "micro_batch", "epochs", "steps", "lr", "grad_clip",
                                      "max_turns", "max_turn_tokens", "max_response_tokens", "max_pixels",
                                      "save_every", "temperature", "top_p", "dual_clip"),
-                 fraction=("top_p", "weight_decay", "clip_low", "kl"), at_most=dict(lr=1.0, epochs=1000))
+                 fraction=("top_p", "weight_decay", "clip_low"), at_most=dict(lr=1.0, epochs=1000))
     if args.image_search_cache and not os.path.isfile(args.image_search_cache):
         ap.error(f"--image-search-cache {args.image_search_cache}: no such file")
     try:   # a missing prompt file is found now, not after the model has loaded

@@ -1,37 +1,33 @@
-"""rollout.py -- the agent loop: a model becomes an agent that thinks, calls tools, reads their output, and answers.
+"""rollout.py -- the agent loop: a model becomes an agent that thinks, calls tools, reads, answers.
 
-One loop serves RL (grpo.py, sampled) and evaluation (eval.py, greedy). A round is: the active trajectories prefill
-their pending tokens (prompt, or the last observation) together, each into its own KV cache, then all of them
-decode together in one batch until each has ended its turn (`</code>`, `</tool_call>` or `<|im_end|>`), then all
-their tools run concurrently, and the observations are appended in the original's exact token format
-(data/PROTOCOL.md). A trajectory's ids are the encoding of its segments, one after the other: the prompt, each model
-turn as sampled, each observation ending in its pre-filled `<think>` (as the original's RL stream). That is not the
-encoding of the whole text at once: with the real vocabulary the prefilled `<think>`'s `>` would merge with what
-follows (`>\n`, `><`). sft.py encodes its conversations by the same segments (test_all.py checks both).
+One loop serves RL (grpo.py, sampled) and evaluation (eval.py, greedy). A round is: the active
+trajectories prefill their pending tokens (the prompt, or the last observation), each into its own KV
+cache; then they decode together in one batch until each has ended its turn (the close of a call the
+prompt offers, or `<|im_end|>`); then their tools run concurrently, and each observation is appended in
+the original's token format (data/PROTOCOL.md). A trajectory's ids are the encoding of its segments, one
+after the other: the prompt, each model turn as sampled, each observation ending in its pre-filled
+`<think>`, as the original's RL stream. That is not the encoding of the whole text at once (with the
+real vocabulary `<think>`'s `>` would merge with what follows); sft.py encodes by the same segments.
 
 Deliberate choices:
-- Prefill is the model's own forward (images, M-RoPE positions computed here and passed explicitly); a GRPO
+- Prefill is the model's own forward, M-RoPE positions computed here and passed explicitly; a GRPO
   group's prompt and image are prefilled once and shared by its samples.
-- Decode is a step written against the model's weights over preallocated KV slots (`StaticKV`), replayed as a CUDA
-  graph on a GPU: the HF forward costs more Python per step than the 7B's GPU work (the README has both measured).
-  Its log-probs equal the training forward's (a test pins it; the bench prints the largest difference).
-- Each trajectory keeps its own KV cache across turns (an observation costs only its own prefill). `use_cache=False`
-  re-prefills instead (the bench measures both; the cache is faster and is the default).
-- Rounds are synchronous: a trajectory whose turn ended early waits for the round's longest turn, and its tool
-  runs concurrently with everyone else's. Simpler than continuous batching, at some decode efficiency.
-- The policy may never emit `<|endoftext|>`, `<|im_start|>` or vision tokens (banned at sampling, as the original).
-- A tool backend failure (sandbox or search down) is an observation that lets the model go on, and is counted in
-  `Trajectory.infra_errors` so that no one scores it as a wrong answer (`on_infra_error="end"` ends the episode,
-  as the original did). With `tools_on=False` (eval --no-tools) a tool call is refused the same way.
+- Each trajectory keeps its KV cache across turns: an observation costs only its own prefill.
+- The decode step (support/fast_decode.py) is the model's decode written against its weights over
+  preallocated KV slots, one CUDA graph on a GPU; a test pins its log-probs to the training forward's.
+- Rounds are synchronous: a turn that ended early waits for the round's longest, and its tool runs
+  concurrently with the others'. Simpler than continuous batching, at some decode efficiency.
+- The policy never emits `<|endoftext|>`, `<|im_start|>` or vision tokens (banned, as the original).
+- A tool backend failure (sandbox or search down) is an observation the model can go on from, counted
+  in `Trajectory.infra_errors` so that no one scores it as a wrong answer (`on_infra_error="end"` ends
+  the episode, as the original did). With `tools_on=False` (eval --no-tools) a call is refused so too.
 
 Speed: `python -m support.bench rollout` (tok/s against model.generate one at a time; README).
 """
 import functools
 import inspect
 import os
-import time
 from collections import Counter
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -41,6 +37,7 @@ from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 
 import tools
 from model import RL_MAX_PIXELS, Seq, encode, encode_plain, prepare_image, rope_positions
+from support.fast_decode import StaticKV
 from tools import IMAGE_PLACEHOLDER
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts")
@@ -136,8 +133,6 @@ class Settings:
     sandbox_sees: str = "original"      # image_i: "original" (RL) or "model" (eval: the resized image the model sees)
     on_infra_error: str = "observe"     # "observe": an error observation, the episode goes on; "end": it ends
     keep_images: bool = False           # keep tool-output images on the trajectory (eval writes them out)
-    use_cache: bool = True              # keep each trajectory's KV cache across turns (False: re-prefill)
-    share_prefill: bool = True          # prefill a group's prompt once
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -188,12 +183,8 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
                 if script is not None:   # a scripted turn: text, or token ids (to force a particular split)
                     turn = script(t, t.turns)
                     t.forced = list(turn) if isinstance(turn, list) else tok.encode(turn, add_special_tokens=False)
-                if not cfg.use_cache:
-                    t.cache, t.cached, t.cached_images = None, 0, 0
-            with timer("observation prefill" if any(t.turns for t in active) else "prompt prefill"):
-                first = prefill(model, active, share=cfg.share_prefill)
-            with timer("decode"):
-                decode_turns(kv, tok, active, first, cfg)
+            first = prefill(model, active)
+            decode_turns(kv, tok, active, first, cfg)
             jobs = {}
             for t in active:
                 t.turns += 1
@@ -212,8 +203,7 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
             for t in active:
                 if id(t) not in jobs:
                     continue
-                with timer("tools"):
-                    text, images = jobs[id(t)].result()
+                text, images = jobs[id(t)].result()
                 if t.infra_errors and cfg.on_infra_error == "end":
                     t.finish = "infra_error"
                 else:
@@ -318,8 +308,6 @@ def decode_turns(kv, tok, trajs, first_logits, cfg):
         if not rows:
             break
         logits = kv.step(torch.tensor(token, device=dev))
-        COUNTS["steps"] += 1
-        COUNTS["kv_tokens"] += sum(trajs[i].cached + 1 for i in rows)
         for i in rows:
             trajs[i].cached += 1
 
@@ -412,131 +400,6 @@ def observation_tokens(processor, text, images, max_pixels=None):
     return seq
 
 
-# ------------------------------------------------------------------------------------------- the decode batch's KV
-class StaticKV:
-    """The fast decode: one new token per row, written against the model's weights over preallocated KV buffers
-    (a slot per row, [slots, kv_heads, capacity, head_dim] per layer), so that on a GPU the whole step is one
-    replayed CUDA graph. HF's forward cost ~30 ms of Python per 7B decode step, more than the GPU's own ~10 ms (a
-    profile at 64 rows on an H100); a graph replay costs ~0 (README: 13.5 ms a step against 31.9 on an H200).
-
-    Static shapes: graphs are captured per batch bucket (a power of two of slots); a row that ends keeps its slot
-    (computed, ignored) until the live rows fit half the bucket, then the live slots move to the front. Capacity
-    grows by 1.5x when a row reaches it (the graphs are captured again). A graph's attention reads the whole
-    capacity, masked (at most a third wasted, and no kernel of its own); eager (CPU) reads up to the longest row.
-    Decoding text, M-RoPE's three positions are equal, which is plain RoPE at that position
-    (test_static_decode_equals_the_models_forward pins all of it)."""
-
-    def __init__(self, model):
-        lm = model.model.language_model
-        self.model, self.lm, self.att = model, lm, lm.layers[0].self_attn
-        self.graphs = torch.cuda.is_available() and next(model.parameters()).is_cuda
-        self.slots, self.cap, self.kv, self.tok = 0, 0, None, None
-
-    def load(self, trajs):
-        """Each turn: the rows' caches into slots [0, n). The buffers (and so the graphs) live across turns."""
-        n = len(trajs)
-        self.top = max(t.cached for t in trajs)          # >= every slot's length (host copy: no sync to read it)
-        if self.bucket(n) > self.slots or self.top + 1 >= self.cap:
-            self.slots = max(self.slots, self.bucket(n))
-            self.kv = None   # not copied: every live row is loaded below
-            self.allocate(self.top + 1)
-        # the graphs read these very tensors: written in place, never replaced
-        self.pos.copy_(torch.tensor([t.next_pos for t in trajs] + [0] * (self.slots - n)))
-        self.len.copy_(torch.tensor([t.cached for t in trajs] + [0] * (self.slots - n)))
-        self.set_live(list(range(n)))
-        for s, t in enumerate(trajs):
-            for (k, v), (K, V) in zip(t.cache, self.kv):
-                K[s, :, :t.cached], V[s, :, :t.cached] = k[0], v[0]
-
-    def bucket(self, n):   # eager (CPU) runs exactly the live rows; graphs want few distinct shapes
-        return 1 << (n - 1).bit_length() if self.graphs else n
-
-    def allocate(self, need):
-        a, p = self.att, next(self.model.parameters())
-        self.cap = max(256, -(-int(need * 1.5) // 256) * 256)
-        old = self.kv
-        shape = (self.slots, a.config.num_key_value_heads, self.cap, a.head_dim)
-        self.kv = [(p.new_zeros(shape), p.new_zeros(shape)) for _ in self.lm.layers]
-        if self.tok is None or len(self.tok) != self.slots:
-            self.tok, self.pos, self.len = (torch.zeros(self.slots, dtype=torch.long, device=p.device) for _ in "tpl")
-        if old:
-            for (K, V), (k, v) in zip(self.kv, old):
-                K[:, :, :k.shape[2]], V[:, :, :v.shape[2]] = k, v
-        self.captured = {}
-
-    def forward(self, b):
-        """The decode step for slots [0, b): token tok at position pos, its K/V written at index len."""
-        x = self.lm.embed_tokens(self.tok[:b])
-        rope = self.lm.rotary_emb
-        freqs = self.pos[:b, None].float() * rope.inv_freq.float()
-        emb = torch.cat([freqs, freqs], -1)[:, None, None, :]
-        cos, sin = (emb.cos() * rope.attention_scaling).to(x.dtype), (emb.sin() * rope.attention_scaling).to(x.dtype)
-        rot = lambda t: t * cos + torch.cat([-t[..., t.shape[-1] // 2:], t[..., :t.shape[-1] // 2]], -1) * sin
-        at = self.len[:b]
-        span = self.cap if self.graphs else self.top + 1   # a graph's shapes are fixed; eager reads only what is used
-        mask = (torch.arange(span, device=x.device) <= at[:, None])[:, None, None, :]   # its past and itself
-        kvh, hd = self.kv[0][0].shape[1], self.att.head_dim
-        where = at.view(b, 1, 1, 1).expand(b, kvh, 1, hd)
-        for layer, (K, V) in zip(self.lm.layers, self.kv):
-            a, h = layer.self_attn, layer.input_layernorm(x)
-            # a query head's group shares one K/V head: [b, kv_heads, group, hd] against [b, kv_heads, cap, hd]
-            q = rot(a.q_proj(h).view(b, kvh, -1, hd))
-            K[:b].scatter_(2, where, rot(a.k_proj(h).view(b, kvh, 1, hd)))
-            V[:b].scatter_(2, where, a.v_proj(h).view(b, kvh, 1, hd))
-            o = F.scaled_dot_product_attention(q, K[:b, :, :span], V[:b, :, :span], attn_mask=mask, scale=a.scaling)
-            x = x + a.o_proj(o.reshape(b, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(self.lm.norm(x))
-
-    def run(self, b):
-        if not self.graphs:
-            return self.forward(b)
-        if b not in self.captured:   # warm up on a side stream, then capture (writes only the slots' next K/V)
-            with timer("graph capture"):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self.forward(b)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = self.forward(b)
-                self.captured[b] = (graph, out)
-        graph, out = self.captured[b]
-        graph.replay()
-        return out
-
-    def step(self, token):
-        if self.top + 1 >= self.cap:
-            self.allocate(self.top + 1)
-        b = self.bucket(self.live[-1] + 1)   # live slots stay in increasing order
-        self.tok[self.live_idx] = token
-        logits = self.run(b)[self.live_idx]
-        self.len[:b] += 1
-        self.pos[:b] += 1
-        self.top += 1
-        return logits
-
-    def set_live(self, slots):
-        """The slot of each live row, and the same as a tensor (made when rows leave, not at every step)."""
-        self.live, self.live_idx = slots, torch.tensor(slots, device=self.tok.device, dtype=torch.long)
-
-    def keep(self, rows):
-        self.set_live([self.live[r] for r in rows])
-        if rows and self.bucket(len(rows)) < self.bucket(self.live[-1] + 1):   # compact: live slots to the front
-            idx = self.live_idx
-            for K, V in self.kv:
-                K[:len(rows)], V[:len(rows)] = K[idx], V[idx]
-            self.len[:len(rows)], self.pos[:len(rows)] = self.len[idx], self.pos[idx]
-            self.set_live(list(range(len(rows))))
-        dead = sorted(set(range(self.slots)) - set(self.live))
-        self.len[dead] = 0   # a dead slot writes from 0 on: it never outgrows `top`, the longest row's bound
-
-    def row_cache(self, r, n):   # a copy: the slot's buffer is written again
-        s = self.live[r]
-        return [(K[s:s + 1, :, :n].clone(), V[s:s + 1, :, :n].clone()) for K, V in self.kv]
-
-
 def stack_caches(trajs):
     """Left-pad every trajectory's cache to the longest and stack them: one batch cache, plus the pad mask."""
     L = max(t.cached for t in trajs)
@@ -567,18 +430,3 @@ def start(processor, sample, prompt, max_pixels=None):
     kw = {"max_pixels": max_pixels} if max_pixels else {}
     seq = encode(processor, text, sample.images, **kw)
     return Trajectory(sample, seq, len(seq.ids), [0] * len(seq.ids), [0.0] * len(seq.ids))
-
-
-PHASES = Counter()   # seconds spent per phase of the rollout, for the bench
-COUNTS = Counter()   # decode steps, and the cached tokens their attention read
-
-
-@contextmanager
-def timer(phase):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    yield
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    PHASES[phase] += time.perf_counter() - t0

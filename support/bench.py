@@ -12,6 +12,8 @@ made with these commands.
 """
 import argparse
 import json
+from collections import Counter
+from contextlib import contextmanager
 import os
 import subprocess
 import sys
@@ -28,7 +30,45 @@ import model as M
 from support import optim
 import sft as S
 import tools
-from rollout import COUNTS, OBS_PREFIX, OBS_SUFFIX, PHASES, Sample, encode, load_prompt, rollout, start
+import rollout as R
+from rollout import OBS_PREFIX, OBS_SUFFIX, Sample, encode, load_prompt, rollout, start
+from support.fast_decode import STATS
+
+PHASES = Counter()   # seconds per phase of a rollout, timed from outside its loop (`instrumented`)
+
+
+@contextmanager
+def timer(phase):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    PHASES[phase] += time.perf_counter() - t0
+
+
+@contextmanager
+def instrumented(re_prefill=False, share=True):
+    """Time the rollout's prefill and decode by wrapping them for the run (the loop itself has no timers).
+    re_prefill: drop every cache before each prefill (the naive way); share=False: prefill each sample."""
+    real_prefill, real_decode = R.prefill, R.decode_turns
+
+    def prefill(model, trajs):
+        if re_prefill:
+            for t in trajs:
+                t.cache, t.cached, t.cached_images = None, 0, 0
+        with timer("observation prefill" if any(t.turns for t in trajs) else "prompt prefill"):
+            return real_prefill(model, trajs, share=share)
+
+    def decode(*args):
+        with timer("decode"):
+            return real_decode(*args)
+    R.prefill, R.decode_turns = prefill, decode
+    try:
+        yield
+    finally:
+        R.prefill, R.decode_turns = real_prefill, real_decode
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -101,21 +141,23 @@ def bench_rollout(preset="mini", sizes=(16,), turns=4, turn_tokens=48, device=No
     for n in sizes:
         modes = [(f"{n} rows (default)", samples[:n], 1, {})]
         if n == sizes[0]:
-            modes += [(f"{n} rows, re-prefill each turn", samples[:n], 1, dict(use_cache=False)),
+            modes += [(f"{n} rows, re-prefill each turn", samples[:n], 1, dict(re_prefill=True)),
                       (f"{n // group} x {group}, prompt prefilled once", samples[:n // group], group, {}),
                       (f"{n // group} x {group}, prefilled per sample", samples[:n // group], group,
-                       dict(share_prefill=False))]
+                       dict(share=False))]
         for _, batch, k, kw in modes:   # warm-up at full size: the allocator's first big blocks are not measured
-            rollout(model, processor, batch, n=k, script=script, **kw)
+            with instrumented(**kw):
+                rollout(model, processor, batch, n=k, script=script)
         for name, batch, k, kw in modes:
-            sync(); t0 = time.perf_counter(); PHASES.clear(); COUNTS.clear()
-            trajs = rollout(model, processor, batch, n=k, script=script, **kw)
+            sync(); t0 = time.perf_counter(); PHASES.clear(); STATS.clear()
+            with instrumented(**kw):
+                trajs = rollout(model, processor, batch, n=k, script=script)
             sync(); dt = time.perf_counter() - t0
             first = first or trajs
             gen = sum(sum(t.action_mask) for t in trajs)
-            step = (PHASES["decode"] - PHASES["graph capture"]) / max(COUNTS["steps"], 1)   # capture: once a bucket
-            moved = weights * COUNTS["steps"] + per_token * COUNTS["kv_tokens"]
-            ceiling = moved / (step * COUNTS["steps"]) / (peak * 1e12) if peak else float("nan")
+            step = (PHASES["decode"] - STATS["capture_s"]) / max(STATS["steps"], 1)   # capture: once a bucket
+            moved = weights * STATS["steps"] + per_token * STATS["kv_tokens"]
+            ceiling = moved / (step * STATS["steps"]) / (peak * 1e12) if peak else float("nan")
             rows[name] = dict(tok_s=gen / dt, s=dt, prompt=PHASES["prompt prefill"],
                               prefill=PHASES["prompt prefill"] + PHASES["observation prefill"], decode=PHASES["decode"],
                               step_ms=1e3 * step, ceiling=ceiling)
