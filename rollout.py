@@ -1,27 +1,24 @@
 """rollout.py -- the agent loop: a model becomes an agent that thinks, calls tools, reads, answers.
 
-One loop serves RL (grpo.py, sampled) and evaluation (eval.py, greedy). A round is: the active
-trajectories prefill their pending tokens (the prompt, or the last observation), each into its own KV
-cache; then they decode together in one batch until each has ended its turn (the close of a call the
-prompt offers, or `<|im_end|>`); then their tools run concurrently, and each observation is appended in
-the original's token format (data/PROTOCOL.md). A trajectory's ids are the encoding of its segments, one
-after the other: the prompt, each model turn as sampled, each observation ending in its pre-filled
-`<think>`, as the original's RL stream. That is not the encoding of the whole text at once (with the
-real vocabulary `<think>`'s `>` would merge with what follows); sft.py encodes by the same segments.
+One loop serves RL (grpo.py, sampled) and evaluation (eval.py, greedy). A round: the active
+trajectories prefill their pending tokens (the prompt, or the last observation), each into its own
+KV cache; they decode together in one batch until each has ended its turn (the close of a call the
+prompt offers, or `<|im_end|>`); their tools run concurrently; each observation is appended in the
+original's token format (data/PROTOCOL.md). A trajectory's ids are its segments' encodings in turn
+(prompt, model turns, observations ending in a pre-filled `<think>`), as sft.py encodes them too.
 
 Deliberate choices:
-- Prefill is the model's own forward, M-RoPE positions computed here and passed explicitly; a GRPO
-  group's prompt and image are prefilled once and shared by its samples.
+- Prefill is the model's own forward, M-RoPE positions passed explicitly; a GRPO group's prompt
+  and image are prefilled once and shared by its samples.
 - Each trajectory keeps its KV cache across turns: an observation costs only its own prefill.
 - The decode step (support/fast_decode.py) is the model's decode written against its weights over
-  preallocated KV slots, one CUDA graph on a GPU; a test pins its log-probs to the training forward's.
-- Rounds are synchronous: a turn that ended early waits for the round's longest, and its tool runs
-  concurrently with the others'. Simpler than continuous batching, at some decode efficiency.
+  preallocated KV slots, one CUDA graph on a GPU; a test pins its log-probs to the trainer's.
+- Rounds are synchronous: a turn that ended early waits for the round's longest. Simpler than
+  continuous batching, at some decode efficiency.
 - The policy never emits `<|endoftext|>`, `<|im_start|>` or vision tokens (banned, as the original).
-- A tool backend failure (sandbox or search down) is an observation the model can go on from, counted
-  in `Trajectory.infra_errors` so that no one scores it as a wrong answer (`on_infra_error="end"` ends
-  the episode, as the original did). With `tools_on=False` (eval --no-tools) a call is refused so too.
-
+- A tool backend failure (sandbox or search down) is an observation the model can go on from,
+  counted in `Trajectory.infra_errors`, never scored as a wrong answer (`on_infra_error="end"`
+  ends the episode, as the original did). With `tools_on=False` a call is refused so too.
 Speed: `python -m support.bench rollout` (tok/s against model.generate one at a time; README).
 """
 import functools
@@ -41,41 +38,40 @@ from support.fast_decode import StaticKV
 from tools import IMAGE_PLACEHOLDER
 
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts")
-PROMPT_SETS = ("agent", "code", "direct")   # code + text + image search / code only / no tools (data/prompts/)
+PROMPT_SETS = ("agent", "code", "direct")   # code + both searches / code only / no tools
 TOOLS_OFF = "Error: tools are disabled in this run; answer from what you already know and see."
-OBS_PREFIX = "<|im_end|>\n<|im_start|>user\n"              # closes the model's turn, opens a user turn
-OBS_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>"   # ... and pre-fills the next turn's <think>
-# tokens to decode for the stop check (the longest stop string, Prompt.stops): a token holds at least one character
-STOP_WINDOW = len("</tool_call>")
-# transformers renamed the forward's cache argument in 5.x (`cache=`, deprecating `past_key_values=`)
-CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters \
-    else "past_key_values"
-BANNED = ("<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-          "<|video_pad|>")
+OBS_PREFIX = "<|im_end|>\n<|im_start|>user\n"              # closes the turn, opens a user turn
+OBS_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>"   # ... and pre-fills the next <think>
+STOP_WINDOW = len("</tool_call>")   # tokens to decode for the stop check: a token is >= 1 character
+# transformers 5.x renamed the forward's cache argument (`cache=`, deprecating `past_key_values=`)
+FORWARD = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+CACHE_KW = "cache" if "cache" in FORWARD else "past_key_values"
+BANNED = ("<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+          "<|image_pad|>", "<|video_pad|>")
 
 
 @dataclass
 class Sample:
-    images: list            # PIL images, image_1 .. image_n
+    images: list                  # PIL images, image_1 .. image_n
     question: str
     answer: str = ""
-    data_source: str = "reason"   # perception | reason | search: which judge, and the search cost in the reward
-    id: str = ""                  # the RL data's extra_info.index: the key of the image-search cache
-    prompt: list = None           # chat messages the sample was trained with (RL parquet); None: the run's prompt
+    data_source: str = "reason"   # perception | reason | search: which judge; the search cost
+    id: str = ""                  # the RL row's extra_info.index: the image-search cache's key
+    prompt: list = None           # the chat messages a released RL row was trained with
 
 
 @dataclass
 class Trajectory:
     sample: Sample
-    seq: Seq                 # every token (prompt, model turns, observations) and every image, in order
+    seq: Seq                 # every token (prompt, model turns, observations), every image
     prompt_len: int
     action_mask: list        # 1 exactly on model-sampled tokens
     logprobs: list           # the sampler's log-prob of each sampled token (0 elsewhere)
     turns: int = 0
     calls: Counter = field(default_factory=Counter)   # code / search / image_search / error
-    finish: str = ""         # answer | no_action | max_turns | turn_tokens | budget | prompt_too_long | infra_error
+    finish: str = ""         # answer, no_action, max_turns, turn_tokens, budget, ...
     infra_errors: int = 0
-    obs_images: list = field(default_factory=list)   # images of tool outputs, kept only with keep_images=True
+    obs_images: list = field(default_factory=list)    # tool outputs' images (keep_images only)
     response: str = ""       # decoded response (tool outputs included), what the reward reads
     reward: dict = field(default_factory=dict)
     # rollout-internal state
@@ -93,11 +89,11 @@ class Trajectory:
 
 @dataclass
 class Prompt:
-    """A system prompt and a user template: `{question}` is the question; the first "<image>" is where the images
-    go (no "<image>": the images open the user turn, as VLMEvalKit's messages put them)."""
+    """A system prompt and a user template: `{question}` is the question; the first "<image>" is
+    where the images go (none: they open the user turn, as VLMEvalKit's messages put them)."""
     system: str
     user: str = "{question}"
-    tools: tuple = ("code", "search", "image_search")   # what the prompt offers: the code prompt offers code only
+    tools: tuple = ("code", "search", "image_search")   # the code prompt offers code only
 
     @property
     def stops(self):
@@ -106,17 +102,19 @@ class Prompt:
             (("</tool_call>",) if {"search", "image_search"} & set(self.tools) else ())
 
     def messages(self, sample):
-        if sample.prompt:   # an RL row that carries the prompt it was trained with: used as given
-            return [dict(m, content=m["content"].replace("<image>", IMAGE_PLACEHOLDER)) for m in sample.prompt]
+        if sample.prompt:   # a released RL row carries the prompt it was trained with: as given
+            return [dict(m, content=m["content"].replace("<image>", IMAGE_PLACEHOLDER))
+                    for m in sample.prompt]
         head, mark, tail = self.user.partition("<image>")
         head, tail = ("", head) if not mark else (head, tail)
-        user = (head + IMAGE_PLACEHOLDER * len(sample.images) + tail).replace("{question}", sample.question)
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+        user = head + IMAGE_PLACEHOLDER * len(sample.images) + tail
+        return [{"role": "system", "content": self.system},
+                {"role": "user", "content": user.replace("{question}", sample.question)}]
 
 
 @dataclass
 class Settings:
-    """How a rollout runs. The defaults are the paper's RL limits; a misspelled setting is a TypeError, not ignored."""
+    """How a rollout runs: the paper's RL limits; a misspelled setting is a TypeError."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_turns: int = 9                  # model turns per trajectory
@@ -128,43 +126,45 @@ class Settings:
     prompt: Prompt = None               # None: the original's agent prompt set
     tools_on: bool = True               # False: every tool call is refused (eval --no-tools)
     search_url: str = None              # None: $DEEPEYES_SEARCH_URL or the local server
-    image_search_cache: object = None   # a tools.ImageSearchCache: image search answers from it, as the original
+    image_search_cache: object = None   # a tools.ImageSearchCache, as the original
     sandbox_timeout: int = 20           # seconds per code call
-    sandbox_sees: str = "original"      # image_i: "original" (RL) or "model" (eval: the resized image the model sees)
-    on_infra_error: str = "observe"     # "observe": an error observation, the episode goes on; "end": it ends
-    keep_images: bool = False           # keep tool-output images on the trajectory (eval writes them out)
+    sandbox_sees: str = "original"      # image_i: "original" (RL) or "model" (eval: as it sees)
+    on_infra_error: str = "observe"     # "observe": an error observation and go on; "end"
+    keep_images: bool = False           # keep tool-output images (eval writes them out)
 
 
-# ------------------------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------------------- the loop
 @torch.no_grad()
 def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrides):
-    """Run n trajectories per sample to the end. `script(traj, turn) -> text or ids` forces a scripted policy;
-    `on_done(traj)` is called the moment a trajectory ends (eval writes it out then)."""
+    """Run n trajectories per sample to the end. `script(traj, turn) -> text or ids` forces a
+    scripted policy; `on_done(traj)` is called the moment a trajectory ends."""
     cfg = Settings(**overrides)
     tok = processor.tokenizer
     prompt = cfg.prompt = cfg.prompt or load_prompt("agent")
     trajs = []
-    for s in samples:   # the image is processed once a prompt; each of its n trajectories gets its own lists
+    # the image is processed once a prompt; each of its n trajectories gets its own lists
+    for s in samples:
         one = start(processor, s, prompt, cfg.max_pixels)
-        trajs += [one] + [Trajectory(s, Seq(list(one.seq.ids), list(one.seq.mm), list(one.seq.pixels),
-                                            list(one.seq.grids)), one.prompt_len, list(one.action_mask),
-                                     list(one.logprobs)) for _ in range(n - 1)]
+        copy = lambda: Trajectory(s, Seq(list(one.seq.ids), list(one.seq.mm), list(one.seq.pixels),
+                                         list(one.seq.grids)), one.prompt_len,
+                                  list(one.action_mask), list(one.logprobs))
+        trajs += [one] + [copy() for _ in range(n - 1)]
     boxes = {}
 
     def sandbox_of(t):   # one sandbox per trajectory, started on its first code call
         if id(t) not in boxes:
             images = t.sample.images
-            if cfg.sandbox_sees == "model":   # eval, as the original: image_i is the resized image the model sees
-                images = [prepare_image(im, max_pixels=cfg.max_pixels or RL_MAX_PIXELS) for im in images]
+            if cfg.sandbox_sees == "model":   # eval, as the original: the image the model sees
+                images = [prepare_image(im, max_pixels=cfg.max_pixels or RL_MAX_PIXELS)
+                          for im in images]
             boxes[id(t)] = tools.Sandbox(images, timeout=cfg.sandbox_timeout)
         return boxes[id(t)]
 
     for t in trajs:
-        if t.prompt_len > cfg.max_prompt_tokens:
-            t.finish = "prompt_too_long"
+        t.finish = "prompt_too_long" if t.prompt_len > cfg.max_prompt_tokens else ""
     ended = set()
 
-    def report_ended():   # each trajectory that has ended since the last call: decoded, then handed to on_done
+    def report_ended():   # each trajectory ended since the last call: decoded, to on_done
         for t in trajs:
             if t.finish and id(t) not in ended:
                 ended.add(id(t))
@@ -180,16 +180,17 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
         while active := [t for t in trajs if not t.finish]:
             for t in active:
                 t.turn_ids = []
-                if script is not None:   # a scripted turn: text, or token ids (to force a particular split)
+                if script is not None:   # a scripted turn: text, or token ids (a forced split)
                     turn = script(t, t.turns)
-                    t.forced = list(turn) if isinstance(turn, list) else tok.encode(turn, add_special_tokens=False)
+                    t.forced = list(turn) if isinstance(turn, list) else \
+                        tok.encode(turn, add_special_tokens=False)
             first = prefill(model, active)
             decode_turns(kv, tok, active, first, cfg)
             jobs = {}
             for t in active:
                 t.turns += 1
                 text = tok.decode(t.turn_ids)
-                action = tools.parse_action(text, prompt.tools)   # a call the prompt does not offer: none
+                action = tools.parse_action(text, prompt.tools)   # what the prompt offers
                 if len(t.turn_ids) >= cfg.max_turn_tokens and action.kind != "answer":
                     t.finish = "turn_tokens"
                 elif len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens:
@@ -216,16 +217,14 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
     return trajs
 
 
-# ------------------------------------------------------------------------------------------- one round, step by step
+# -------------------------------------------------------------------------- one round, step by step
 def prefill(model, trajs, max_batch_tokens=16384, share=True):
-    """Prefill the tokens not yet in each trajectory's cache, several trajectories per forward; -> last logits.
-
-    A row of a batch is [pad | its cache | pad | its new tokens]: caches are left-padded (stack_caches) and the new
-    tokens too, so every row's last token is at the last position. The pads are masked out and stripped again
-    from the cache kept for the trajectory. Trajectories are grouped by pending length to waste little on pads.
-    The samples of one prompt share its prefill (share=True): one of them runs, the others take its cache, logits
-    and positions, so a GRPO group's prompt and image go through the model once, not 16 times. Taking the cache by
-    reference is safe: no one writes a trajectory's cache in place (decoding stacks copies of it)."""
+    """Prefill the tokens not yet in each trajectory's cache, several a forward; -> last logits.
+    A batch row is [pad | its cache | pad | its new tokens], so every row's last token is last; the
+    pads are masked out, and stripped from the cache kept. The samples of one prompt share its
+    prefill (share=True): one runs, the others take its cache, logits and positions, so a GRPO
+    group's prompt and image go through the model once, not 16 times (by reference: no one writes
+    a trajectory's cache in place)."""
     dev = next(model.parameters()).device
     pad = model.config.text_config.pad_token_id or 0
     logits = [None] * len(trajs)
@@ -235,15 +234,16 @@ def prefill(model, trajs, max_batch_tokens=16384, share=True):
             j = leader.setdefault(id(t.sample), i)
             if j != i and trajs[j].seq.ids == t.seq.ids:
                 follows[i] = j
-    order = sorted((i for i in range(len(trajs)) if i not in follows),
-                   key=lambda i: len(trajs[i].seq.ids) - trajs[i].cached)
+    pending = lambda i: len(trajs[i].seq.ids) - trajs[i].cached
+    order = sorted((i for i in range(len(trajs)) if i not in follows), key=pending)
     while order:
         group = [order.pop(0)]
-        while order and (len(group) + 1) * (len(trajs[order[0]].seq.ids) - trajs[order[0]].cached) <= max_batch_tokens:
+        while order and (len(group) + 1) * pending(order[0]) <= max_batch_tokens:
             group.append(order.pop(0))
         ts = [trajs[i] for i in group]
         P = max(len(t.seq.ids) - t.cached for t in ts)
-        cache, mask = stack_caches(ts) if ts[0].cache else (DynamicCache(), torch.zeros(len(ts), 0, dtype=torch.long))
+        cache, mask = stack_caches(ts) if ts[0].cache else \
+            (DynamicCache(), torch.zeros(len(ts), 0, dtype=torch.long))
         ids = torch.full((len(ts), P), pad, dtype=torch.long)
         pos = torch.zeros(3, len(ts), P, dtype=torch.long)
         new = torch.zeros(len(ts), P, dtype=torch.long)
@@ -253,15 +253,19 @@ def prefill(model, trajs, max_batch_tokens=16384, share=True):
             pos[:, b, P - n:] = rope_positions(model, t.seq)[:, t.cached:]
             new[b, P - n:] = 1
         kw = {}
-        if any(len(t.seq.pixels) > t.cached_images for t in ts):   # images whose pads are in the new tokens
-            kw["pixel_values"] = torch.cat([p for t in ts for p in t.seq.pixels[t.cached_images:]]).to(dev, model.dtype)
-            kw["image_grid_thw"] = torch.tensor([g for t in ts for g in t.seq.grids[t.cached_images:]], device=dev)
+        # images whose pads are in the new tokens
+        if any(len(t.seq.pixels) > t.cached_images for t in ts):
+            pixels = [p for t in ts for p in t.seq.pixels[t.cached_images:]]
+            kw["pixel_values"] = torch.cat(pixels).to(dev, model.dtype)
+            grids = [g for t in ts for g in t.seq.grids[t.cached_images:]]
+            kw["image_grid_thw"] = torch.tensor(grids, device=dev)
         mask = torch.cat([mask.to(dev), new.to(dev)], 1)
-        out = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask, **{CACHE_KW: cache},
-                    use_cache=True, logits_to_keep=1, **kw)
+        out = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask,
+                    **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1, **kw)
         L = mask.shape[1] - P
         for b, (i, t) in enumerate(zip(group, ts)):
-            c, n = t.cached, len(t.seq.ids) - t.cached   # its old cache and its new tokens: two slices, no host sync
+            # its old cache and its new tokens: two slices, no host sync
+            c, n = t.cached, len(t.seq.ids) - t.cached
             part = lambda x: torch.cat([x[b:b + 1, :, L - c:L], x[b:b + 1, :, L + P - n:]], 2)
             t.cache = [(part(layer.keys), part(layer.values)) for layer in cache.layers]
             t.cached, t.cached_images = len(t.seq.ids), len(t.seq.pixels)
@@ -269,16 +273,17 @@ def prefill(model, trajs, max_batch_tokens=16384, share=True):
             logits[i] = out.logits[b, -1]
     for i, j in follows.items():
         t, src = trajs[i], trajs[j]
-        t.cache, t.cached, t.cached_images, t.next_pos, logits[i] = src.cache, src.cached, src.cached_images, \
-            src.next_pos, logits[j]
+        t.cache, t.cached, t.cached_images, t.next_pos = src.cache, src.cached, src.cached_images, \
+            src.next_pos
+        logits[i] = logits[j]
     return torch.stack(logits)
 
 
 def decode_turns(kv, tok, trajs, first_logits, cfg):
-    """Decode one turn for every trajectory in one batch; rows leave the batch when their turn ends."""
+    """Decode one turn for every trajectory in one batch; a row leaves when its turn ends."""
     dev = first_logits.device
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    # ids past the tokenizer (the 7B's output layer has 152,064 rows for 151,665 tokens) decode to '': never sampled
+    # ids past the tokenizer (the 7B's 152,064 output rows, 151,665 tokens): never sampled
     banned = torch.tensor([tok.convert_tokens_to_ids(t) for t in BANNED] +
                           list(range(len(tok), first_logits.shape[-1])), device=dev)
     closes = closing_tokens(tok)
@@ -286,7 +291,7 @@ def decode_turns(kv, tok, trajs, first_logits, cfg):
     rows = list(range(len(trajs)))                  # row r of the batch is trajs[rows[r]]
     logits = first_logits
     while rows:
-        forced = [trajs[i].forced.pop(0) if trajs[i].forced else -1 for i in rows]   # scripted policies
+        forced = [trajs[i].forced.pop(0) if trajs[i].forced else -1 for i in rows]
         token, logp = sample_token(logits, cfg.temperature, cfg.top_p, banned,
                                    torch.tensor(forced, device=dev) if max(forced) >= 0 else None)
         token, logp = token.tolist(), logp.tolist()      # the one host sync per step
@@ -295,10 +300,11 @@ def decode_turns(kv, tok, trajs, first_logits, cfg):
             t = trajs[i]
             t.seq.ids.append(token[r]); t.seq.mm.append(0)
             t.action_mask.append(1); t.logprobs.append(logp[r]); t.turn_ids.append(token[r])
-            stop = token[r] in closes and any(s in tok.decode(t.turn_ids[-STOP_WINDOW:]) for s in cfg.prompt.stops)
+            tail = tok.decode(t.turn_ids[-STOP_WINDOW:]) if token[r] in closes else ""
+            stop = any(s in tail for s in cfg.prompt.stops)
             over = len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens
             if token[r] == eos or stop or over or len(t.turn_ids) >= cfg.max_turn_tokens:
-                t.cache = kv.row_cache(r, t.cached)   # its last sampled token is not in it yet: pending
+                t.cache = kv.row_cache(r, t.cached)   # its last token is not in it yet
             else:
                 keep.append(r)
         if len(keep) < len(rows):
@@ -313,9 +319,9 @@ def decode_turns(kv, tok, trajs, first_logits, cfg):
 
 
 def sample_token(logits, temperature, top_p, banned, forced=None):
-    """-> (tokens, their log-probs). temperature 0 is greedy; `forced` (-1 = sample) overrides rows for a scripted
-    policy. The log-prob is the model's own (before the ban and top-p), which is exactly what the trainer's forward
-    recomputes: the parity test pins it."""
+    """-> (tokens, their log-probs). temperature 0 is greedy; `forced` (-1 = sample) overrides rows
+    for a scripted policy. The log-prob is the model's own (before the ban and top-p), which is
+    exactly what the trainer's forward recomputes: the parity test pins it."""
     logp = F.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
     allowed = logp.clone()
     allowed[:, banned] = float("-inf")
@@ -335,13 +341,14 @@ def sample_token(logits, temperature, top_p, banned, forced=None):
 
 @functools.lru_cache(maxsize=4)
 def closing_tokens(tok):
-    """Ids of tokens containing ">": only they can complete a stop string, so only they make us decode the tail
-    (decoding every row's tail at every step cost more host time than the 7B's decode step itself)."""
-    return frozenset(i for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))) if ">" in t)
+    """Ids of tokens holding ">": only they can end a stop string, so only they make us decode the
+    tail (decoding every row's tail every step cost more host time than the 7B's decode step)."""
+    names = tok.convert_ids_to_tokens(list(range(len(tok))))
+    return frozenset(i for i, t in enumerate(names) if ">" in t)
 
 
 def run_tool(traj, action, sandbox, cfg):
-    """-> (observation text, images). Tool errors are observations; backend failures are counted too."""
+    """-> (observation text, images). Tool errors are observations; backend failures counted."""
     traj.calls[action.kind] += 1
     if not cfg.tools_on:   # a no-tools run: the call is refused, and the model may still answer
         return TOOLS_OFF, []
@@ -352,19 +359,24 @@ def run_tool(traj, action, sandbox, cfg):
         if action.kind == "search":
             return tools.text_search(action.arg, url=cfg.search_url)
         if action.kind == "image_search":
-            if cfg.image_search_cache:   # the released cache, keyed by the sample (the original's way)
+            # the released cache, keyed by the sample (the original's way)
+            if cfg.image_search_cache:
                 return cfg.image_search_cache(traj.sample.id)
             if not traj.sample.images:
                 return "Error: there is no image to search with.", []
             return tools.image_search(traj.sample.images[0], url=cfg.search_url)
-        return action.arg, []                        # a malformed call: the "Error: ..." text itself
-    except Exception as e:   # SandboxError, SearchError, or a backend's reply nobody foresaw: one trajectory's
-        traj.infra_errors += 1   # problem, counted and never scored, not the run's
-        return f"Error: the {action.kind} backend is unavailable ({type(e).__name__}: {str(e)[:200]}).", []
+        # a malformed call: the "Error: ..." text itself
+        return action.arg, []
+    # SandboxError, SearchError, or a reply nobody foresaw: one trajectory's problem, counted and
+    # never scored, not the run's
+    except Exception as e:
+        traj.infra_errors += 1
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        return f"Error: the {action.kind} backend is unavailable ({why}).", []
 
 
 def append_observation(processor, traj, text, images, cfg):
-    """Add the observation tokens, or end the episode if they would overflow a budget (never end on them)."""
+    """Add the observation's tokens, or end the episode if they would overflow a budget."""
     room = max(cfg.max_images - len(traj.seq.pixels) + len(traj.sample.images), 0)
     if len(images) > room:   # keep the first `room` images and their slots
         kept = text.split(tools.IMAGE_SLOT)
@@ -383,12 +395,14 @@ def append_observation(processor, traj, text, images, cfg):
 
 
 def observation_tokens(processor, text, images, max_pixels=None):
-    """OBS_PREFIX + text + OBS_SUFFIX as tokens. The text is tool output (stdout, web pages): untrusted. It is
-    encoded as plain text, special-token strings included (a page's "<|im_end|><|im_start|>system" stays text, not
-    a fake turn), and the only images are the real ones, one at each IMAGE_SLOT. The same ids as encoding the whole
-    string when it holds no special-token text (the parity tests pin it)."""
+    """OBS_PREFIX + text + OBS_SUFFIX as tokens. The text is tool output (stdout, web pages):
+    untrusted. It is encoded as plain text, special-token strings included (a page's
+    "<|im_end|><|im_start|>system" stays text, not a fake turn), and the only images are the real
+    ones, one at each IMAGE_SLOT. The same ids as encoding the whole string when it holds no
+    special-token text (the parity tests pin it)."""
     kw = {"max_pixels": max_pixels} if max_pixels else {}
-    text = text.encode("utf-8", "replace").decode("utf-8")   # a lone surrogate (chr(0xd800)) becomes "?"
+    # a lone surrogate (chr(0xd800)) becomes "?"
+    text = text.encode("utf-8", "replace").decode("utf-8")
     seq = encode(processor, OBS_PREFIX)
     pieces = text.split(tools.IMAGE_SLOT)
     for k, piece in enumerate(pieces):
@@ -401,32 +415,36 @@ def observation_tokens(processor, text, images, max_pixels=None):
 
 
 def stack_caches(trajs):
-    """Left-pad every trajectory's cache to the longest and stack them: one batch cache, plus the pad mask."""
+    """Left-pad every trajectory's cache to the longest, stacked: one batch cache, its pad mask."""
     L = max(t.cached for t in trajs)
     pad = lambda x, t: F.pad(x, (0, 0, L - t.cached, 0))
-    cache = DynamicCache([(torch.cat([pad(t.cache[i][0], t) for t in trajs]), torch.cat([pad(t.cache[i][1], t)
-                                                                                          for t in trajs]))
-                          for i in range(len(trajs[0].cache))])
-    mask = torch.tensor([[0] * (L - t.cached) + [1] * t.cached for t in trajs], device=cache.layers[0].keys.device)
+    stack = lambda i, kv: torch.cat([pad(t.cache[i][kv], t) for t in trajs])
+    cache = DynamicCache([(stack(i, 0), stack(i, 1)) for i in range(len(trajs[0].cache))])
+    mask = torch.tensor([[0] * (L - t.cached) + [1] * t.cached for t in trajs],
+                        device=cache.layers[0].keys.device)
     return cache, mask
 
 
-# ------------------------------------------------------------------------------------------- prompts
+# ------------------------------------------------------------------------------------------ prompts
 def load_prompt(name_or_path="agent"):
-    """The original's prompt set `agent`, `code` or `direct` (data/prompts/, byte for byte), or a system prompt
-    file of your own: its user template is the file beside it named with user_prompt for system_prompt, if any."""
-    system = os.path.join(PROMPTS, f"{name_or_path}_system_prompt.txt") if name_or_path in PROMPT_SETS \
-        else name_or_path
-    user = system.replace("system_prompt", "user_prompt") if "system_prompt" in os.path.basename(system) else None
+    """The original's prompt set `agent`, `code` or `direct` (data/prompts/, byte for byte), or a
+    system prompt file of your own: its user template is the file beside it named with user_prompt
+    for system_prompt, if any."""
+    system = os.path.join(PROMPTS, f"{name_or_path}_system_prompt.txt") \
+        if name_or_path in PROMPT_SETS else name_or_path
+    user = system.replace("system_prompt", "user_prompt") \
+        if "system_prompt" in os.path.basename(system) else None
     read = lambda path: open(path, encoding="utf-8").read()
     if not os.path.exists(system):
-        raise FileNotFoundError(f"prompt {name_or_path!r}: neither one of {', '.join(PROMPT_SETS)} nor a file")
+        raise FileNotFoundError(f"prompt {name_or_path!r}: neither one of {', '.join(PROMPT_SETS)} "
+                                "nor a file")
     return Prompt(read(system), read(user) if user and os.path.exists(user) else "{question}",
                   ("code",) if name_or_path == "code" else Prompt.tools)
 
 
 def start(processor, sample, prompt, max_pixels=None):
-    text = processor.apply_chat_template(prompt.messages(sample), tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(prompt.messages(sample), tokenize=False,
+                                         add_generation_prompt=True)
     kw = {"max_pixels": max_pixels} if max_pixels else {}
     seq = encode(processor, text, sample.images, **kw)
     return Trajectory(sample, seq, len(seq.ids), [0] * len(seq.ids), [0.0] * len(seq.ids))

@@ -5,18 +5,18 @@
   text_search(q), image_search(img) -> (observation text, images), the original's format
   ImageSearchCache(path)    the released image-search results, keyed by the sample (as the original)
 
-The sandbox in brief: each session is a fork of a zygote that has numpy, PIL, matplotlib, cv2, SciPy,
-pandas, SymPy and scikit-learn imported, so it starts in milliseconds with `image_1 .. image_n` defined.
-Before it runs anything (`notebook`, below) it locks itself down (support/sandbox.py, `lock_down`): no
-network, a read-only file system with one small tmpfs to write in, /proc hidden, uid 65534, no
-capabilities, a seccomp filter (no new processes, sockets or signals to others), rlimits on memory, CPU,
-file size and open files, a timeout per call. The host reads replies as length-prefixed JSON, never
-pickle. Every call carries a fresh nonce, so a stale reply is refused; the nonce does NOT stop code from
-forging the reply to its own call (the code runs where the nonce is), so every reply is untrusted: text
-capped, images checked before they are read.
-What it does NOT protect against: kernel bugs (it shares the host kernel); reading world-readable files
-(only writes are confined); CPU side channels; many sessions' memory caps adding up past the host's; a
-machine with neither root nor unprivileged user namespaces (there it refuses to start unless
+The sandbox in brief: each session is a fork of a zygote that has numpy, PIL, matplotlib, cv2,
+SciPy, pandas, SymPy and scikit-learn imported, so it starts in milliseconds with `image_1 ..
+image_n` defined. Before it runs anything (`notebook`, below) it locks itself down
+(support/sandbox.py, `lock_down`): no network, a read-only file system with one small tmpfs to write
+in, /proc hidden, uid 65534, no capabilities, a seccomp filter (no new processes, sockets or signals
+to others), rlimits on memory, CPU, file size and open files, a timeout per call. The host reads
+replies as length-prefixed JSON, never pickle. Every call carries a fresh nonce, so a stale reply is
+refused; the nonce does NOT stop code from forging the reply to its own call (the code runs where
+the nonce is), so every reply is untrusted: text capped, images checked before they are read. What
+it does NOT protect against: kernel bugs (it shares the host kernel); reading world-readable files
+(only writes are confined); CPU side channels; many sessions' memory caps adding up past the host's;
+a machine with neither root nor unprivileged user namespaces (there it refuses to start unless
 DEEPEYES_UNSAFE_SANDBOX=1, and then says loudly what is missing).
 """
 import base64
@@ -37,7 +37,7 @@ from PIL import Image
 
 import support.sandbox as box
 
-SEARCH_URL = os.environ.get("DEEPEYES_SEARCH_URL", "http://127.0.0.1:8765")   # support.search_server
+SEARCH_URL = os.environ.get("DEEPEYES_SEARCH_URL", "http://127.0.0.1:8765")   # a local server
 CACHE_DIR = os.environ.get("DEEPEYES_CACHE", os.path.expanduser("~/.cache/deepeyesv2"))
 MAX_IMAGES_PER_CALL = box.MAX_IMAGES_PER_CALL
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"   # an image in the model's text
@@ -47,7 +47,7 @@ IMAGE_SLOT = "\ue000"
 OUTPUT_LIMIT = 8000   # characters of stdout / stderr kept per call
 
 
-# ================================================================================================ actions
+# ========================================================================================== actions
 @dataclass
 class Action:
     kind: str          # "answer" | "code" | "search" | "image_search" | "error" | "none"
@@ -55,8 +55,8 @@ class Action:
 
 
 def extract_answer(response):
-    """The final answer of a whole response, read as the original's reward reads it: the first <answer>...</answer>
-    after the last </think>, stripped (None if there is none). The one answer parser of reward, eval and rollout."""
+    """The final answer of a response, as the original's reward reads it: the first <answer>...
+    </answer> after the last </think>, stripped (or None). The one parser of reward and eval."""
     tail = response.rsplit("</think>", 1)[-1]
     start = tail.find("<answer>")
     end = tail.find("</answer>", start) if start >= 0 else -1
@@ -64,18 +64,19 @@ def extract_answer(response):
 
 
 def last_between(text, open_tag, close_tag):
-    """The text inside the last open_tag ... close_tag pair (None if none). str.rfind, not a regex: a policy at
-    temperature 1 can write thousands of unclosed tags, and a lazy regex is quadratic over them."""
+    """The text inside the last open_tag ... close_tag pair (or None). str.rfind, not a regex: a
+    policy can write thousands of unclosed tags, and a lazy regex is quadratic over them."""
     end = text.rfind(close_tag)
     start = text.rfind(open_tag, 0, end) if end >= 0 else -1
     return text[start + len(open_tag):end] if start >= 0 else None
 
 
 def parse_action(text, offered=("code", "search", "image_search")):
-    """What a model turn asks for. The original's precedence: answer > code > tool_call; the last match of each wins.
-    Whatever the text, this returns an Action: a malformed call is an "error" the model reads and may recover from.
-    A call of a tool the prompt does not offer (`offered`) is no action, as in the authors' eval loop under the code
-    prompt: nothing runs, and the turn's text is the response."""
+    """What a model turn asks for. The original's precedence: answer > code > tool_call; the last
+    match of each wins. Whatever the text, this returns an Action: a malformed call is an "error"
+    the model reads and may recover from. A call of a tool the prompt does not offer (`offered`) is
+    no action, as in the authors' eval loop under the code prompt: nothing runs, and the turn's text
+    is the response."""
     answer = last_between(text, "<answer>", "</answer>")
     if answer is not None:
         return Action("answer", answer.strip())
@@ -93,7 +94,8 @@ def parse_action(text, offered=("code", "search", "image_search")):
         return Action("none")
     try:
         call = json.loads(call.strip())
-    except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested past the parser's stack
+    # RecursionError: "[[[[..." nested past the parser's stack
+    except (ValueError, RecursionError) as e:
         return Action("error", f"Error: the tool call is not valid JSON ({str(e)[:200]}).")
     if not isinstance(call, dict):
         return Action("error", "Error: the tool call must be a JSON object with a 'name'.")
@@ -105,22 +107,23 @@ def parse_action(text, offered=("code", "search", "image_search")):
         return Action("search", query.strip())
     if name == "image_search":
         if args:
-            return Action("error", "Error: image_search takes no arguments; it searches the original image.")
+            return Action("error", "Error: image_search takes no arguments; it searches the "
+                                   "original image.")
         return Action("image_search")
-    return Action("error", f"Error: unknown tool {str(name)[:100]!r}; the tools are 'search' and 'image_search'.")
+    return Action("error", f"Error: unknown tool {str(name)[:100]!r}; the tools are 'search' and "
+                           "'image_search'.")
 
 
-# ================================================================================================ the sandbox
+# ====================================================================================== the sandbox
 class Sandbox:
-    """A notebook-like Python session for one trajectory. Use as a context manager; `.run(code)` -> dict.
-
-    >>> with Sandbox([img]) as sb: sb.run("print(image_1.size)")["stdout"]
-    """
+    """A notebook-like Python session for one trajectory, `.run(code)` -> dict; a context manager:
+    `with Sandbox([img]) as sb: sb.run("print(image_1.size)")["stdout"]`."""
     warned = False
 
     def __init__(self, images=(), timeout=20, memory_mb=2048, cpu_seconds=120, scratch_mb=64):
         self.images = list(images)
-        self.limits = dict(timeout=int(timeout), memory_mb=memory_mb, cpu_seconds=cpu_seconds, scratch_mb=scratch_mb)
+        self.limits = dict(timeout=int(timeout), memory_mb=memory_mb, cpu_seconds=cpu_seconds,
+                           scratch_mb=scratch_mb)
         self.sock = self.pid = self.scratch = None
         self.restarts = 0
         self._start()
@@ -145,28 +148,31 @@ class Sandbox:
         self._check_protections()
 
     def _check_protections(self):
-        missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities", "seccomp",
-                               "unprivileged")
-                   if not self.protections.get(k)]
+        missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities",
+                               "seccomp", "unprivileged") if not self.protections.get(k)]
         if not missing:
             return
         if os.environ.get("DEEPEYES_UNSAFE_SANDBOX") != "1":
             self.close()
-            raise SandboxError(f"sandbox cannot isolate code here (missing: {', '.join(missing)}); enable "
-                               "unprivileged user namespaces or run as root, or set DEEPEYES_UNSAFE_SANDBOX=1 to "
-                               "run model code WITHOUT these protections")
+            raise SandboxError(f"sandbox cannot isolate code here (missing: {', '.join(missing)}); "
+                               "enable unprivileged user namespaces or run as root, or set "
+                               "DEEPEYES_UNSAFE_SANDBOX=1 to run model code WITHOUT these "
+                               "protections")
         if not Sandbox.warned:
             Sandbox.warned = True
-            print(f"WARNING: sandbox running WITHOUT: {', '.join(missing)} (DEEPEYES_UNSAFE_SANDBOX=1)",
-                  file=sys.stderr)
+            print(f"WARNING: sandbox running WITHOUT: {', '.join(missing)} "
+                  "(DEEPEYES_UNSAFE_SANDBOX=1)", file=sys.stderr)
 
     def run(self, code):
-        """Run one cell. Returns stdout, stderr and images (PIL). Code that times out or dies (memory, CPU time)
-        restarts the session and says so; a reply that breaks the channel's protocol (malformed, oversized, not the
-        answer to this call: code inside the session can write to the channel) restarts it too and raises
-        SandboxError, an infrastructure error that is counted, never scored."""
-        self.sock.settimeout(self.limits["timeout"] + 5)   # the in-session alarm fires first; this is the backstop
-        nonce = os.urandom(8).hex()   # unguessable per call: a reply forged during one call cannot answer the next
+        """Run one cell. Returns stdout, stderr and images (PIL). Code that times out or dies
+        (memory, CPU time) restarts the session and says so; a reply that breaks the channel's
+        protocol (malformed, oversized, not the answer to this call: code inside the session can
+        write to the channel) restarts it too and raises SandboxError, an infrastructure error that
+        is counted, never scored."""
+        # the in-session alarm fires first; this is the backstop
+        self.sock.settimeout(self.limits["timeout"] + 5)
+        # unguessable per call: a reply forged during one call cannot answer the next
+        nonce = os.urandom(8).hex()
         try:
             box.send(self.sock, {"code": code, "nonce": nonce})
             reply = box.recv(self.sock, from_session=True)
@@ -174,14 +180,18 @@ class Sandbox:
                     not isinstance(reply.get("stderr"), str):
                 raise box.ProtocolError("a reply that does not answer this call")
         except (OSError, EOFError) as e:
-            why = "timed out" if isinstance(e, socket.timeout) else "died (memory, CPU-time or output limit)"
+            why = "timed out" if isinstance(e, socket.timeout) else \
+                "died (memory, CPU-time or output limit)"
             self._restart()
-            return dict(stdout="", images=[], stderr=f"Error: the code {why}; the Python session was restarted, "
-                                                     f"variables were lost; image_1.. are loaded again.")
-        except (box.ProtocolError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            return dict(stdout="", images=[], stderr=f"Error: the code {why}; the Python session "
+                        "was restarted, variables were lost; image_1.. are loaded again.")
+        except (box.ProtocolError, ValueError, KeyError, TypeError, AttributeError,
+                RecursionError) as e:
             self._restart()
-            raise SandboxError(f"the sandbox channel broke ({str(e)[:100]}); the session was restarted") from e
-        return dict(stdout=reply["stdout"][:2 * OUTPUT_LIMIT], stderr=reply["stderr"][:2 * OUTPUT_LIMIT],
+            raise SandboxError(f"the sandbox channel broke ({str(e)[:100]}); the session was "
+                               "restarted") from e
+        return dict(stdout=reply["stdout"][:2 * OUTPUT_LIMIT],
+                    stderr=reply["stderr"][:2 * OUTPUT_LIMIT],
                     images=reply["images"][:MAX_IMAGES_PER_CALL])
 
     def _restart(self):
@@ -203,18 +213,17 @@ class Sandbox:
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.sock = self.pid = self.scratch = None
 
+    __del__ = close
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
 
-    def __del__(self):
-        self.close()
-
 
 class SandboxError(RuntimeError):
-    """Infrastructure failure (the sandbox could not start or answer): counted by the caller, never scored."""
+    """Infrastructure failure (the sandbox could not start or answer): counted, never scored."""
 
 
 def _plain(s):
@@ -231,15 +240,15 @@ def format_code_result(result):
     return text.strip()
 
 
-# ================================================================================================ search
+# =========================================================================================== search
 class SearchError(RuntimeError):
     """The search backend is unreachable or broken (infrastructure, not the model's fault)."""
 
 
 def post_json(url, payload, read, error, headers=None, retries=3, timeout=20):
-    """POST JSON with retries and exponential backoff -> read(the reply's JSON). A failure of any kind (network, HTTP
-    status, a reply `read` rejects) is tried again, then raised as `error`: a backend that is down is an
-    infrastructure error, never a wrong answer. The search client and the judge (grpo.LLMJudge) both use it."""
+    """POST JSON with retries and backoff -> read(the reply's JSON). A failure of any kind (network,
+    HTTP status, a reply `read` rejects) is tried again, then raised as `error`: a backend that is
+    down is an infrastructure error, never a wrong answer (the search client and the judge)."""
     last = None
     for attempt in range(retries):
         try:
@@ -260,8 +269,10 @@ def _serper_shaped(reply):
 
 def _post(path, payload, url=None):
     """POST to the Serper-style endpoint; the key comes from the environment."""
+    headers = {"X-API-KEY": os.environ.get("SERPER_API_KEY", ""),
+               "Content-Type": "application/json"}
     return post_json((url or SEARCH_URL).rstrip("/") + path, payload, _serper_shaped, SearchError,
-                     {"X-API-KEY": os.environ.get("SERPER_API_KEY", ""), "Content-Type": "application/json"})
+                     headers)
 
 
 def _cached(kind, key, fetch):
@@ -270,7 +281,8 @@ def _cached(kind, key, fetch):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError):   # not cached yet, or a corrupt entry (a crash mid-write, a full disk): fetch it
+    # not cached yet, or a corrupt entry (a crash mid-write, a full disk): fetch it
+    except (OSError, ValueError):
         pass
     value = fetch()
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -284,7 +296,8 @@ def _cached(kind, key, fetch):
 def text_search(query, k=5, url=None, cache=True):
     """-> (observation text, []) for a web search, formatted as the original (data/PROTOCOL.md)."""
     fetch = lambda: _post("/search", {"q": query, "num": k}, url).get("organic", [])[:k]
-    results = _cached("text", f"{url or SEARCH_URL}|{k}|{query}".encode(), fetch) if cache else fetch()
+    key = f"{url or SEARCH_URL}|{k}|{query}".encode()
+    results = _cached("text", key, fetch) if cache else fetch()
     results = [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
     items = []
     for i, r in enumerate(results, 1):
@@ -292,38 +305,43 @@ def text_search(query, k=5, url=None, cache=True):
         item += f"\nDate published: {_plain(r['date'])}" if r.get("date") else ""
         item += "\n" + (f"\n{_plain(r['snippet'])}" if r.get("snippet") else "")
         items.append(item)
-    text = (f"A Google search for '{_plain(query)}' found {len(results)} results:\n\n## Web Results\n"
-            + "\n\n".join(items))
+    text = (f"A Google search for '{_plain(query)}' found {len(results)} results:\n\n"
+            "## Web Results\n" + "\n\n".join(items))
     return f"<tool_response>\n{text}\n</tool_response>", []
 
 
 def image_search(image, k=3, url=None, cache=True):
-    """-> (observation text, result images) for a reverse image search, formatted as the original."""
+    """-> (observation text, result images) of a reverse image search, as the original's."""
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG", compress_level=1)   # fast: the bytes are the cache key and payload
+    image.convert("RGB").save(buf, format="PNG", compress_level=1)   # the cache key and payload
     png = buf.getvalue()
-    fetch = lambda: _post("/lens", {"image_b64": base64.b64encode(png).decode(), "num": k}, url).get("organic", [])[:k]
+    fetch = lambda: _post("/lens", {"image_b64": base64.b64encode(png).decode(), "num": k},
+                          url).get("organic", [])[:k]
     results = _cached("image", (url or SEARCH_URL).encode() + png, fetch) if cache else fetch()
-    return format_image_results([(r.get("title", ""), Image.open(io.BytesIO(base64.b64decode(r["image_b64"])))
-                                  if r.get("image_b64") else None) for r in results])
+    decode = lambda b64: Image.open(io.BytesIO(base64.b64decode(b64)))
+    return format_image_results([(r.get("title", ""), decode(r["image_b64"]) if r.get("image_b64")
+                                  else None) for r in results])
 
 
 def format_image_results(results):
-    """[(title, PIL image or None)] -> (observation text, images). The original's "<image>" marks where each result
-    image goes: here an image slot."""
+    """[(title, PIL image or None)] -> (observation text, images). The original's "<image>" marks
+    where each result image goes: here an image slot."""
     items = [f"{i}. {IMAGE_SLOT if img is not None else '(no image)'}\n[{_plain(title)}] \n"
              for i, (title, img) in enumerate(results, 1)]
-    text = f"A Google image search for the image found {len(results)} results:\n\n## Web Results\n" + "\n\n".join(items)
-    return f"<tool_response>\n{text}\n</tool_response>", [img.convert("RGB") for _, img in results if img is not None]
+    text = f"A Google image search for the image found {len(results)} results:\n\n## Web Results\n"
+    text += "\n\n".join(items)
+    images = [img.convert("RGB") for _, img in results if img is not None]
+    return f"<tool_response>\n{text}\n</tool_response>", images
 
 
 class ImageSearchCache:
-    """The original's image search: reverse-image results cached per training sample, because reverse-image APIs
-    need a public image URL. The released DeepEyesV2 search cache is one JSON file
-    {data_index: {"tool_returned_web_title": [...], "cached_images_path": [...]}}, keyed by the sample's
-    `extra_info.index` (our `id`); a result is returned when its image file exists (paths relative to the file).
-    The original ended the episode when a sample had no entry; here that is an error observation and the model goes
-    on (the reward then decides whether going on without it was right)."""
+    """The original's image search: reverse-image results cached per training sample, because
+    reverse-image APIs need a public image URL. The released DeepEyesV2 search cache is one JSON
+    file {data_index: {"tool_returned_web_title": [...], "cached_images_path": [...]}}, keyed by the
+    sample's `extra_info.index` (our `id`); a result is returned when its image file exists (paths
+    relative to the file). The original ended the episode when a sample had no entry; here that is
+    an error observation and the model goes on (the reward then decides whether going on without it
+    was right)."""
 
     def __init__(self, path):
         try:
@@ -332,7 +350,7 @@ class ImageSearchCache:
         except (OSError, ValueError) as e:
             raise SearchError(f"image-search cache {path} cannot be read: {str(e)[:200]}") from e
         if not isinstance(self.entries, dict):
-            raise SearchError(f"image-search cache {path} is not a JSON object keyed by sample index")
+            raise SearchError(f"image-search cache {path} is not a JSON object keyed by index")
         self.root = os.path.dirname(os.path.abspath(path))
 
     def __call__(self, key):
@@ -340,7 +358,8 @@ class ImageSearchCache:
         if not isinstance(entry, dict):
             return "Error: image search found nothing for this image.", []
         results = []
-        for title, path in zip(entry.get("tool_returned_web_title") or [], entry.get("cached_images_path") or []):
+        for title, path in zip(entry.get("tool_returned_web_title") or [],
+                               entry.get("cached_images_path") or []):
             path = os.path.join(self.root, str(path))
             try:
                 results.append((str(title), Image.open(path).convert("RGB")))
@@ -349,9 +368,10 @@ class ImageSearchCache:
         return format_image_results(results[:MAX_IMAGES_PER_CALL])
 
 
-# ================================================================================================ the sandbox, inside
+# ============================================================================== the sandbox, inside
 def notebook(sock, scratch, limits):
-    """The notebook: exec each request in one persistent namespace, capture output and shown images."""
+    """The notebook: exec each request in one persistent namespace, capture output and shown
+    images."""
     import ast
     import traceback
     import matplotlib.pyplot as plt
@@ -364,7 +384,8 @@ def notebook(sock, scratch, limits):
                 shown.append(obj.copy())
             elif hasattr(obj, "savefig"):   # a matplotlib figure
                 obj.canvas.draw()
-                shown.append(Image.frombuffer("RGBA", obj.canvas.get_width_height(), obj.canvas.buffer_rgba()).copy())
+                size, pixels = obj.canvas.get_width_height(), obj.canvas.buffer_rgba()
+                shown.append(Image.frombuffer("RGBA", size, pixels).copy())
             else:
                 print(repr(obj))
 
@@ -390,7 +411,8 @@ def notebook(sock, scratch, limits):
             continue
         out, err = box.Bounded(OUTPUT_LIMIT), box.Bounded(OUTPUT_LIMIT)
         shown.clear()
-        plt.close("all")   # figures a timed-out call left open would come back at every later show()
+        # figures a timed-out call left open would come back at every later show()
+        plt.close("all")
         sys.stdout, sys.stderr = out, err
         try:
             tree = ast.parse(req["code"])
@@ -412,7 +434,8 @@ def notebook(sock, scratch, limits):
         err.write(box.stop_stray_threads())
         images = shown[:MAX_IMAGES_PER_CALL]
         if len(shown) > len(images):
-            err.write(f"\n[{len(shown) - len(images)} images dropped: at most {MAX_IMAGES_PER_CALL} per call]")
+            err.write(f"\n[{len(shown) - len(images)} images dropped: at most "
+                      f"{MAX_IMAGES_PER_CALL} per call]")
         if not all(im.width and im.height for im in images):
             err.write("\n[an empty image (0 pixels wide or high) cannot be shown]")
             images = [im for im in images if im.width and im.height]
@@ -420,6 +443,3 @@ def notebook(sock, scratch, limits):
             images[i] = im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")
             images[i].thumbnail((4096, 4096))
         box.send(sock, {"stdout": out.text(), "stderr": err.text(), "nonce": req["nonce"]}, images)
-
-
-# ================================================================================================ bench / CLI
