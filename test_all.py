@@ -478,172 +478,6 @@ def test_infra_error_is_counted_and_observed(tiny):
     assert t.finish == "infra_error"
 
 
-# ================================================================================================ grpo.py
-import grpo as G
-
-
-@pytest.mark.parametrize("response,source,expected", [
-    ("<think>ok</think><answer>1889</answer>", "reason", (1.0, 1.0, 1.0)),
-    ("ok</think><answer>1889</answer>", "reason", (1.0, 1.0, 1.0)),                   # leading <think> assumed
-    ("<think>ok</think><answer>1900</answer>", "reason", (0.2, 0.0, 1.0)),
-    ("<think>ok<answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),                    # </think> missing
-    ("<think>a</think><code>x<think>b</think><answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),   # open <code>
-    ("<think>a</think><answer></answer>", "reason", (0.0, 0.0, 0.0)),                  # empty answer
-    ("<think>a</think><answer>1889</answer></think>", "reason", (0.0, 0.0, 0.0)),     # answers after the last </think>
-    ("<think>a</think><tool_call>{}</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>r</tool_response>"
-     "<|im_end|>\n<|im_start|>assistant\n<think>b</think><answer>1889</answer>", "search", (0.8 * 0.9 + 0.2, 1.0, 1.0)),
-    ("<think>a</think><tool_call>{}<think>b</think><answer>1889</answer>", "search", (0.8 * 0.9, 1.0, 0.0)),
-    ("<think>a</think><answer>" + "1889 " * 70 + "</answer>", "perception", (0.0, 0.0, 0.0)),   # >= 300 characters
-    ("<think>a</think><answer>" + "1889 " * 70 + "</answer>", "reason", (0.2, 0.0, 1.0)),   # no such rule for math
-    (" <think>ok</think><answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),   # whitespace first: a second <think>
-    ("<think>ok</think> </answer> x <answer>1889", "reason", (0.0, 0.0, 0.0)),   # a reversed pair: no answer read
-])
-def test_reward_table(response, source, expected):
-    r = G.compute_reward(response, "1889", source)
-    assert (r["score"], r["acc"], r["format"]) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize("pred,gold,ok", [("(B) a cat", "B", 1), ("b", "B", 1), ("C", "B", 0), ("1,234", "1234", 1),
-                                          ("\\boxed{\\frac12}", "\\frac12", 1), ("0.5", "1/2", 1), ("42 cm", "42", 1),
-                                          ("The Eiffel Tower.", "eiffel tower", 1), ("41", "42", 0), (None, "1", 0),
-                                          ("G", "G", 1), ("(H)", "H", 1), ("lyon", "Paris or Lyon", 1)])
-def test_rule_score(pred, gold, ok):
-    assert G.rule_score(pred, gold) == ok
-
-
-def test_an_answer_naming_two_options_chooses_neither():
-    for pred in ["(B) and (E)", "B or D", "B is incorrect; the correct option is A.", "B, C"]:
-        assert G.rule_score(pred, "B") == 0.0 and SC.choice_letter(pred) is None
-        assert G.compute_reward(f"<think>x</think><answer>{pred}</answer>", "B", "perception")["acc"] == 0.0
-    assert G.rule_score("B. A cat", "B", "Which?\nA. a dog\nB. a cat") == 1.0   # the option's own text, "A" an article
-    assert G.rule_score("(B) a cat", "B") == G.rule_score("Option B", "B") == G.rule_score("b", "B") == 1.0
-
-
-def test_a_broken_trajectory_leaves_its_groups_statistics():
-    adv = G.group_advantages([1.0, 1.0, 1.0, 0.0], 4, sound=[True, True, True, False])
-    assert adv.tolist() == [0.0] * 4   # the three sound ones are a flat group; the broken one is never learned from
-    adv = G.group_advantages([1.0, 0.0, 1.0, 0.7, 1.0, 0.0, 0.5, 0.5], 4, sound=[1, 1, 1, 0, 1, 0, 0, 0])
-    # group 1 over [1, 0, 1]: mean 2/3, unbiased std sqrt(1/3); group 2 has one sound trajectory: all 0
-    third = (1 / 3) ** 0.5
-    assert adv.tolist() == pytest.approx([(1 / 3) / third, (-2 / 3) / third, (1 / 3) / third, 0, 0, 0, 0, 0],
-                                         abs=1e-5)
-
-
-def test_group_advantages_by_hand():
-    adv = G.group_advantages([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5], 4)
-    # mean 0.25; unbiased variance (0.75^2 + 3 * 0.25^2) / 3 = 0.25, so std 0.5
-    assert adv[:4].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
-    assert torch.all(adv[4:] == 0)                                # an all-equal group contributes nothing
-
-
-def test_policy_loss_clip_and_dual_clip_by_hand():
-    old = torch.zeros(1, 3)
-    mask = torch.ones(1, 3)
-    # positive advantage, ratio e^0.5 = 1.65 > 1.2: clipped to 1.2 -> loss -1.2 * A
-    loss, cf = G.policy_loss(torch.full((1, 3), 0.5), old, torch.tensor([2.0]), mask)
-    assert loss.item() == pytest.approx(-2.4) and cf.item() == 1.0
-    # negative advantage, huge ratio e^3: -A * ratio = 20.1 > 3 |A| = 3 -> dual-clipped to 3
-    loss, _ = G.policy_loss(torch.full((1, 3), 3.0), old, torch.tensor([-1.0]), mask)
-    assert loss.item() == pytest.approx(3.0)
-    # ratio 1: plain -A
-    loss, cf = G.policy_loss(old.clone(), old, torch.tensor([0.7]), mask)
-    assert loss.item() == pytest.approx(-0.7) and cf.item() == 0.0
-
-
-def test_policy_loss_is_a_mean_per_sequence_then_over_sequences():
-    logp = torch.zeros(2, 4, requires_grad=True)
-    mask = torch.tensor([[1., 0, 0, 0], [1, 1, 1, 1]])
-    loss, _ = G.policy_loss(logp, torch.zeros(2, 4), torch.tensor([1.0, 1.0]), mask)
-    loss.backward()
-    assert logp.grad[0, 0].item() == pytest.approx(-0.5)          # one token carries its whole sequence
-    assert logp.grad[1].tolist() == pytest.approx([-0.125] * 4)
-    assert torch.all(logp.grad[0, 1:] == 0)                        # masked tokens: exactly zero gradient
-
-
-def test_one_grpo_step_moves_positive_advantage_tokens_up(tiny, search_url):
-    model, processor, _ = tiny
-    good = ["<think>look</think><answer>1889</answer><|im_end|>"]
-    bad = ["<think>guess</think><answer>1900</answer><|im_end|>"]
-    trajs = R.rollout(model, processor, [sample()], n=1, script=scripted(good)) + \
-        R.rollout(model, processor, [sample()], n=1, script=scripted(bad))
-    G.score_all(trajs)
-    adv = G.group_advantages([t.reward["score"] for t in trajs], 2)
-    assert adv[0] > 0 > adv[1]
-    before = [M.token_logprobs(model, [t.seq])[0] for t in trajs]
-    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--lr", "1e-2"])
-    work = __import__("copy").deepcopy(model).train()
-    G.grpo_update(work, torch.optim.AdamW(work.parameters(), lr=args.lr), trajs, adv, args)
-    after = [M.token_logprobs(work, [t.seq])[0] for t in trajs]
-    m0 = torch.tensor(trajs[0].action_mask[1:], dtype=torch.bool)
-    m1 = torch.tensor(trajs[1].action_mask[1:], dtype=torch.bool)
-    gain = [after[k][m].sum() - before[k][m].sum() for k, m in ((0, m0), (1, m1))]
-    assert gain[0] > 0 and gain[0] > gain[1]   # shared tokens may rise in both; the rewarded sequence rises more
-
-
-def test_grpo_update_does_not_depend_on_trajectory_order_within_a_step(tiny):
-    model, processor, _ = tiny   # grpo_update sorts each step's trajectories by length: legal only if order is free
-    trajs = R.rollout(model, processor, [sample()], n=1, script=scripted(["<think>a</think><answer>1</answer>"])) + \
-        R.rollout(model, processor, [sample()], n=1, script=scripted(["<think>a b c d</think><answer>22</answer>"]))
-    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1"])
-    adv = torch.tensor([-1.0, 1.0])
-    updated = []
-    for order in ([0, 1], [1, 0]):
-        work = __import__("copy").deepcopy(model).train()
-        G.grpo_update(work, torch.optim.SGD(work.parameters(), lr=1e-2), [trajs[k] for k in order], adv[order], args)
-        updated.append(torch.cat([p.detach().flatten() for p in work.parameters()]))
-    moved = updated[0] - torch.cat([p.detach().flatten() for p in model.parameters()])
-    assert moved.abs().max() > 1e-4 and torch.allclose(updated[0], updated[1], atol=1e-6)
-
-
-def test_grpo_step_of_flat_groups_skips_the_forward_and_steps_as_its_zero_gradient_would(tiny, monkeypatch):
-    model, processor, _ = tiny
-    logp = torch.randn(2, 5, requires_grad=True)   # advantage 0: the loss's gradient is exactly 0 at any ratio
-    G.policy_loss(logp, torch.randn(2, 5), torch.zeros(2), torch.ones(2, 5))[0].backward()
-    assert torch.all(logp.grad == 0)
-    trajs = R.rollout(model, processor, [sample()], n=2, script=scripted(["<think>a</think><answer>1</answer>"]))
-    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--lr", "1e-2", "--weight-decay", "0.1"])
-    work = __import__("copy").deepcopy(model).train()
-    opt = optim.AdamW([p for p in work.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    monkeypatch.setattr(M, "token_logprobs", lambda *a, **k: pytest.fail("a flat step ran a forward"))
-    stats = G.grpo_update(work, opt, trajs, torch.zeros(2), args)
-    assert stats["grad_norm"] == 0.0 and "entropy" not in stats
-    for p, q in zip(work.parameters(), model.parameters()):   # AdamW at a zero gradient: only the weight decay
-        assert torch.equal(p, q) if not p.requires_grad else torch.allclose(p, q * (1 - 1e-2 * 0.1), atol=1e-7)
-
-
-def test_grpo_first_step_takes_its_old_logprobs_from_its_own_forward_detached(tiny):
-    model, processor, _ = tiny   # the weights have not moved yet: ratio exactly 1, and the plain policy gradient
-    trajs = R.rollout(model, processor, [sample()], n=1, script=scripted(["<think>a</think><answer>1</answer>"])) + \
-        R.rollout(model, processor, [sample()], n=1, script=scripted(["<think>a b c d</think><answer>22</answer>"]))
-    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--clip-high", "1e-6"])
-    adv = torch.tensor([-1.0, 1.0])
-    work = __import__("copy").deepcopy(model).train()
-    stats = G.grpo_update(work, torch.optim.SGD(work.parameters(), lr=0.0), trajs, adv, args)
-    ref = __import__("copy").deepcopy(model).train()   # the naive way: a separate no-grad forward for the old ones
-    old = G.recompute_logprobs(ref, trajs, 8)
-    logp = M.token_logprobs(ref, [t.seq for t in trajs])
-    mask = torch.zeros_like(logp)
-    for b, t in enumerate(trajs):
-        mask[b, :len(t.action_mask) - 1] = torch.tensor(t.action_mask[1:], dtype=mask.dtype)
-    old = torch.stack([torch.nn.functional.pad(o, (0, logp.shape[1] - len(o))) for o in old])
-    G.policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.dual_clip)[0].backward()
-    norm = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), float("inf")).item()
-    # a non-detached copy of the forward would also give ratio 1, but a zero gradient; a clip would show here too
-    assert stats["clip_frac"] == 0.0 and norm > 1e-3 and stats["grad_norm"] == pytest.approx(norm, rel=1e-4)
-
-
-def test_checkpoint_is_atomic_and_resumes(tiny, tmp_path):
-    model, processor, _ = tiny
-    work = __import__("copy").deepcopy(model)
-    opt = torch.optim.AdamW(work.parameters(), lr=1e-3)
-    runs.save_checkpoint(str(tmp_path), work, processor, opt, 7)
-    assert os.listdir(tmp_path) == ["checkpoint"] and runs.checkpoint_step(str(tmp_path / "checkpoint")) == 7
-    fresh, _ = M.load_model(str(tmp_path / "checkpoint"), device="cpu")
-    assert all(torch.equal(a, b) for a, b in zip(work.state_dict().values(), fresh.state_dict().values()))
-    opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    assert runs.load_checkpoint(str(tmp_path / "checkpoint"), fresh, opt) == 7
-
-
 # ================================================================================================ sft.py
 def test_sft_tokens_are_the_rollout_tokens_and_labels_its_action_mask(any_vocab, search_url):
     model, processor, _ = any_vocab
@@ -767,6 +601,176 @@ def test_adamw_equals_torch_on_float32_and_keeps_small_bf16_updates():
         moved.append(1 - p.float().mean().item())
     assert moved[0] == pytest.approx(0.01, rel=0.1)   # stochastic rounding: unbiased
     assert moved[1] < 0.002                            # round-to-nearest loses most of it
+
+
+# ================================================================================================ grpo.py
+import grpo as G
+
+
+@pytest.mark.parametrize("response,source,expected", [
+    ("<think>ok</think><answer>1889</answer>", "reason", (1.0, 1.0, 1.0)),
+    ("ok</think><answer>1889</answer>", "reason", (1.0, 1.0, 1.0)),                   # leading <think> assumed
+    ("<think>ok</think><answer>1900</answer>", "reason", (0.2, 0.0, 1.0)),
+    ("<think>ok<answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),                    # </think> missing
+    ("<think>a</think><code>x<think>b</think><answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),   # open <code>
+    ("<think>a</think><answer></answer>", "reason", (0.0, 0.0, 0.0)),                  # empty answer
+    ("<think>a</think><answer>1889</answer></think>", "reason", (0.0, 0.0, 0.0)),     # answers after the last </think>
+    ("<think>a</think><tool_call>{}</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>r</tool_response>"
+     "<|im_end|>\n<|im_start|>assistant\n<think>b</think><answer>1889</answer>", "search", (0.8 * 0.9 + 0.2, 1.0, 1.0)),
+    ("<think>a</think><tool_call>{}<think>b</think><answer>1889</answer>", "search", (0.8 * 0.9, 1.0, 0.0)),
+    ("<think>a</think><answer>" + "1889 " * 70 + "</answer>", "perception", (0.0, 0.0, 0.0)),   # >= 300 characters
+    ("<think>a</think><answer>" + "1889 " * 70 + "</answer>", "reason", (0.2, 0.0, 1.0)),   # no such rule for math
+    (" <think>ok</think><answer>1889</answer>", "reason", (0.8, 1.0, 0.0)),   # whitespace first: a second <think>
+    ("<think>ok</think> </answer> x <answer>1889", "reason", (0.0, 0.0, 0.0)),   # a reversed pair: no answer read
+])
+def test_reward_table(response, source, expected):
+    r = G.compute_reward(response, "1889", source)
+    assert (r["score"], r["acc"], r["format"]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("pred,gold,ok", [("(B) a cat", "B", 1), ("b", "B", 1), ("C", "B", 0), ("1,234", "1234", 1),
+                                          ("\\boxed{\\frac12}", "\\frac12", 1), ("0.5", "1/2", 1), ("42 cm", "42", 1),
+                                          ("The Eiffel Tower.", "eiffel tower", 1), ("41", "42", 0), (None, "1", 0),
+                                          ("G", "G", 1), ("(H)", "H", 1), ("lyon", "Paris or Lyon", 1)])
+def test_rule_score(pred, gold, ok):
+    assert G.rule_score(pred, gold) == ok
+
+
+def test_an_answer_naming_two_options_chooses_neither():
+    for pred in ["(B) and (E)", "B or D", "B is incorrect; the correct option is A.", "B, C"]:
+        assert G.rule_score(pred, "B") == 0.0 and SC.choice_letter(pred) is None
+        assert G.compute_reward(f"<think>x</think><answer>{pred}</answer>", "B", "perception")["acc"] == 0.0
+    assert G.rule_score("B. A cat", "B", "Which?\nA. a dog\nB. a cat") == 1.0   # the option's own text, "A" an article
+    assert G.rule_score("(B) a cat", "B") == G.rule_score("Option B", "B") == G.rule_score("b", "B") == 1.0
+
+
+def test_a_broken_trajectory_leaves_its_groups_statistics():
+    adv = G.group_advantages([1.0, 1.0, 1.0, 0.0], 4, sound=[True, True, True, False])
+    assert adv.tolist() == [0.0] * 4   # the three sound ones are a flat group; the broken one is never learned from
+    adv = G.group_advantages([1.0, 0.0, 1.0, 0.7, 1.0, 0.0, 0.5, 0.5], 4, sound=[1, 1, 1, 0, 1, 0, 0, 0])
+    # group 1 over [1, 0, 1]: mean 2/3, unbiased std sqrt(1/3); group 2 has one sound trajectory: all 0
+    third = (1 / 3) ** 0.5
+    assert adv.tolist() == pytest.approx([(1 / 3) / third, (-2 / 3) / third, (1 / 3) / third, 0, 0, 0, 0, 0],
+                                         abs=1e-5)
+
+
+def test_group_advantages_by_hand():
+    adv = G.group_advantages([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5], 4)
+    # mean 0.25; unbiased variance (0.75^2 + 3 * 0.25^2) / 3 = 0.25, so std 0.5
+    assert adv[:4].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
+    assert torch.all(adv[4:] == 0)                                # an all-equal group contributes nothing
+
+
+def test_policy_loss_clip_and_dual_clip_by_hand():
+    old = torch.zeros(1, 3)
+    mask = torch.ones(1, 3)
+    # positive advantage, ratio e^0.5 = 1.65 > 1.2: clipped to 1.2 -> loss -1.2 * A
+    loss, cf = G.policy_loss(torch.full((1, 3), 0.5), old, torch.tensor([2.0]), mask)
+    assert loss.item() == pytest.approx(-2.4) and cf.item() == 1.0
+    # negative advantage, huge ratio e^3: -A * ratio = 20.1 > 3 |A| = 3 -> dual-clipped to 3
+    loss, _ = G.policy_loss(torch.full((1, 3), 3.0), old, torch.tensor([-1.0]), mask)
+    assert loss.item() == pytest.approx(3.0)
+    # ratio 1: plain -A
+    loss, cf = G.policy_loss(old.clone(), old, torch.tensor([0.7]), mask)
+    assert loss.item() == pytest.approx(-0.7) and cf.item() == 0.0
+
+
+def test_policy_loss_is_a_mean_per_sequence_then_over_sequences():
+    logp = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[1., 0, 0, 0], [1, 1, 1, 1]])
+    loss, _ = G.policy_loss(logp, torch.zeros(2, 4), torch.tensor([1.0, 1.0]), mask)
+    loss.backward()
+    assert logp.grad[0, 0].item() == pytest.approx(-0.5)          # one token carries its whole sequence
+    assert logp.grad[1].tolist() == pytest.approx([-0.125] * 4)
+    assert torch.all(logp.grad[0, 1:] == 0)                        # masked tokens: exactly zero gradient
+
+
+def test_one_grpo_step_moves_positive_advantage_tokens_up(tiny, search_url):
+    model, processor, _ = tiny
+    good = ["<think>look</think><answer>1889</answer><|im_end|>"]
+    bad = ["<think>guess</think><answer>1900</answer><|im_end|>"]
+    trajs = R.rollout(model, processor, [sample()], n=1, script=scripted(good)) + \
+        R.rollout(model, processor, [sample()], n=1, script=scripted(bad))
+    G.score_all(trajs)
+    adv = G.group_advantages([t.reward["score"] for t in trajs], 2)
+    assert adv[0] > 0 > adv[1]
+    before = [M.token_logprobs(model, [t.seq])[0] for t in trajs]
+    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--lr", "1e-2"])
+    work = __import__("copy").deepcopy(model).train()
+    G.grpo_update(work, torch.optim.AdamW(work.parameters(), lr=args.lr), trajs, adv, args)
+    after = [M.token_logprobs(work, [t.seq])[0] for t in trajs]
+    m0 = torch.tensor(trajs[0].action_mask[1:], dtype=torch.bool)
+    m1 = torch.tensor(trajs[1].action_mask[1:], dtype=torch.bool)
+    gain = [after[k][m].sum() - before[k][m].sum() for k, m in ((0, m0), (1, m1))]
+    assert gain[0] > 0 and gain[0] > gain[1]   # shared tokens may rise in both; the rewarded sequence rises more
+
+
+def test_grpo_update_does_not_depend_on_trajectory_order_within_a_step(tiny):
+    model, processor, _ = tiny   # grpo_update sorts each step's trajectories by length: legal only if order is free
+    # each turn ends at <|im_end|>: nothing sampled after the script, so the step does not depend on the RNG
+    trajs = [R.rollout(model, processor, [sample()], script=scripted([f"<think>{t}</think><answer>{a}</answer>"
+                                                                      "<|im_end|>"]))[0]
+             for t, a in (("a", "1"), ("a b c d", "22"))]
+    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1"])
+    adv = torch.tensor([-1.0, 1.0])
+    updated = []
+    for order in ([0, 1], [1, 0]):
+        work = __import__("copy").deepcopy(model).train()
+        G.grpo_update(work, torch.optim.SGD(work.parameters(), lr=1e-2), [trajs[k] for k in order], adv[order], args)
+        updated.append(torch.cat([p.detach().flatten() for p in work.parameters()]))
+    moved = updated[0] - torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert moved.abs().max() > 1e-4 and torch.allclose(updated[0], updated[1], atol=1e-6)
+
+
+def test_grpo_step_of_flat_groups_skips_the_forward_and_steps_as_its_zero_gradient_would(tiny, monkeypatch):
+    model, processor, _ = tiny
+    logp = torch.randn(2, 5, requires_grad=True)   # advantage 0: the loss's gradient is exactly 0 at any ratio
+    G.policy_loss(logp, torch.randn(2, 5), torch.zeros(2), torch.ones(2, 5))[0].backward()
+    assert torch.all(logp.grad == 0)
+    trajs = R.rollout(model, processor, [sample()], n=2, script=scripted(["<think>a</think><answer>1</answer>"]))
+    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--lr", "1e-2", "--weight-decay", "0.1"])
+    work = __import__("copy").deepcopy(model).train()
+    opt = optim.AdamW([p for p in work.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    monkeypatch.setattr(M, "token_logprobs", lambda *a, **k: pytest.fail("a flat step ran a forward"))
+    stats = G.grpo_update(work, opt, trajs, torch.zeros(2), args)
+    assert stats["grad_norm"] == 0.0 and "entropy" not in stats
+    for p, q in zip(work.parameters(), model.parameters()):   # AdamW at a zero gradient: only the weight decay
+        assert torch.equal(p, q) if not p.requires_grad else torch.allclose(p, q * (1 - 1e-2 * 0.1), atol=1e-7)
+
+
+def test_grpo_first_step_takes_its_old_logprobs_from_its_own_forward_detached(tiny):
+    model, processor, _ = tiny   # the weights have not moved yet: ratio exactly 1, and the plain policy gradient
+    # each turn ends at <|im_end|>: nothing sampled after the script, so the step does not depend on the RNG
+    trajs = [R.rollout(model, processor, [sample()], script=scripted([f"<think>{t}</think><answer>{a}</answer>"
+                                                                      "<|im_end|>"]))[0]
+             for t, a in (("a", "1"), ("a b c d", "22"))]
+    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--clip-high", "1e-6"])
+    adv = torch.tensor([-1.0, 1.0])
+    work = __import__("copy").deepcopy(model).train()
+    stats = G.grpo_update(work, torch.optim.SGD(work.parameters(), lr=0.0), trajs, adv, args)
+    ref = __import__("copy").deepcopy(model).train()   # the naive way: a separate no-grad forward for the old ones
+    old = G.recompute_logprobs(ref, trajs, 8)
+    logp = M.token_logprobs(ref, [t.seq for t in trajs])
+    mask = torch.zeros_like(logp)
+    for b, t in enumerate(trajs):
+        mask[b, :len(t.action_mask) - 1] = torch.tensor(t.action_mask[1:], dtype=mask.dtype)
+    old = torch.stack([torch.nn.functional.pad(o, (0, logp.shape[1] - len(o))) for o in old])
+    G.policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.dual_clip)[0].backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), float("inf")).item()
+    # a non-detached copy of the forward would also give ratio 1, but a zero gradient; a clip would show here too
+    assert stats["clip_frac"] == 0.0 and norm > 1e-3 and stats["grad_norm"] == pytest.approx(norm, rel=1e-4)
+
+
+def test_checkpoint_is_atomic_and_resumes(tiny, tmp_path):
+    model, processor, _ = tiny
+    work = __import__("copy").deepcopy(model)
+    opt = torch.optim.AdamW(work.parameters(), lr=1e-3)
+    runs.save_checkpoint(str(tmp_path), work, processor, opt, 7)
+    assert os.listdir(tmp_path) == ["checkpoint"] and runs.checkpoint_step(str(tmp_path / "checkpoint")) == 7
+    fresh, _ = M.load_model(str(tmp_path / "checkpoint"), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(work.state_dict().values(), fresh.state_dict().values()))
+    opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    assert runs.load_checkpoint(str(tmp_path / "checkpoint"), fresh, opt) == 7
 
 
 # ================================================================================================ eval.py
@@ -914,55 +918,6 @@ def test_eval_saves_tool_output_images_by_path(any_vocab, tmp_path):
                        **dict(TINY_EVAL, max_turn_tokens=96))
     assert row["images"][0] == "4.jpg" and row["trajectory"].count("<image>") == len(row["images"]) == 2
     assert Image.open(tmp_path / row["images"][1]).size == (20, 20)   # the crop the code showed, as a file
-
-
-# ================================================================================================ the miniature
-def test_miniature_world_is_seeded_and_its_expert_is_right(tmp_path):
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-    import world
-    a, b = world.build(str(tmp_path / "a"), 3, 4, 2, 2), world.build(str(tmp_path / "b"), 3, 4, 2, 2)
-    for name in ("sft_items.jsonl", "heldout.jsonl", "corpus.jsonl", "sft.jsonl"):
-        assert open(os.path.join(a, name)).read() == open(os.path.join(b, name)).read().replace(b, a), name
-    held = [json.loads(line) for line in open(os.path.join(a, "heldout.jsonl"))]
-    trained = {json.loads(line)["question"] for line in open(os.path.join(a, "sft_items.jsonl"))}
-    assert {h["category"] for h in held} == set(world.CATEGORIES)
-    assert not {h["question"] for h in held if h["category"] == "search"} & trained   # new towns only
-    cold = {q.split("{")[0] for q in world.COLD_QUESTION.values()}   # the cold start sees one wording a category
-    assert all(any(q.startswith(c) for c in cold) for q in trained)
-    assert {h["wording"] for h in held} == {"cold-start", "new"}
-    assert all((h["wording"] == "new") == (h["question"] not in world.COLD_QUESTION.values()) for h in held
-               if h["category"] != "search")
-    convs = [json.loads(line) for line in open(os.path.join(a, "sft.jsonl"))]
-    assert len(convs) == 4 * len(world.CATEGORIES) and all(c["messages"][-1]["content"].endswith("</answer>")
-                                                          for c in convs)
-    glance = [c["messages"] for c in convs if "square" in c["messages"][1]["content"]]
-    habit = [m for m in glance if "image_search" in m[2]["content"]]   # the needless search, 1 in 2, then a look
-    assert len(glance) == 4 and len(habit) == 2 and all(len(m) == 5 and "found 0 results" in m[3]["content"]
-                                                        for m in habit)
-
-
-def test_miniature_pipeline_trained_model_beats_untrained_and_its_own_no_tool_run(tmp_path):
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-    import world
-    res = world.pipeline(str(tmp_path / "world"), str(tmp_path / "runs"), n_sft=64, n_rl=4, n_heldout=6,
-                         rl_steps=1, sft_epochs=3)   # the quick start, shortened: 320 conversations x 3, 1 GRPO batch
-    assert res["untrained"]["tool_calls_per_item"] < res["SFT"]["tool_calls_per_item"]
-    # measured at seed 0: untrained 0, SFT 73.3, SFT+GRPO 73.3, tools disabled 6.7, GRPO from the base 0 (30 items,
-    # 221 s); the target is +20 points
-    assert res["SFT+GRPO"]["accuracy"] >= res["untrained"]["accuracy"] + 20
-    assert res["SFT+GRPO"]["accuracy"] >= res["SFT+GRPO, tools disabled"]["accuracy"] + 20
-    assert res["GRPO from the base"]["tool_calls_per_item"] == 0.0   # the base never calls a tool: nothing to learn
-
-
-def test_code_error_share_counts_the_code_runs_that_wrote_to_stderr():
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-    import world
-    ok, bad = (T.format_code_result(dict(stdout=o, stderr=e, images=[])) for o, e in (("4\n", ""), ("", "Traceback\n")))
-    assert world.code_error_share([{"trajectory": ok + "thinking" + bad}, {"trajectory": ok}]) == pytest.approx(100 / 3)
-    assert world.code_error_share([{"trajectory": "<answer>4</answer>"}]) == 0.0
 
 
 def test_eval_loads_vlmevalkit_tsv_and_realx_jsonl(tmp_path):
@@ -1914,3 +1869,52 @@ def test_two_processes_train_as_one(tiny, tmp_path):
     for p, q in zip(opt.param_groups[0]["params"], ref_opt.param_groups[0]["params"]):
         assert opt.state[p]["step"] == ref_opt.state[q]["step"] == 2
         assert torch.allclose(opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"], atol=1e-6)
+
+
+# ================================================================================================ the miniature
+def test_miniature_world_is_seeded_and_its_expert_is_right(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    import world
+    a, b = world.build(str(tmp_path / "a"), 3, 4, 2, 2), world.build(str(tmp_path / "b"), 3, 4, 2, 2)
+    for name in ("sft_items.jsonl", "heldout.jsonl", "corpus.jsonl", "sft.jsonl"):
+        assert open(os.path.join(a, name)).read() == open(os.path.join(b, name)).read().replace(b, a), name
+    held = [json.loads(line) for line in open(os.path.join(a, "heldout.jsonl"))]
+    trained = {json.loads(line)["question"] for line in open(os.path.join(a, "sft_items.jsonl"))}
+    assert {h["category"] for h in held} == set(world.CATEGORIES)
+    assert not {h["question"] for h in held if h["category"] == "search"} & trained   # new towns only
+    cold = {q.split("{")[0] for q in world.COLD_QUESTION.values()}   # the cold start sees one wording a category
+    assert all(any(q.startswith(c) for c in cold) for q in trained)
+    assert {h["wording"] for h in held} == {"cold-start", "new"}
+    assert all((h["wording"] == "new") == (h["question"] not in world.COLD_QUESTION.values()) for h in held
+               if h["category"] != "search")
+    convs = [json.loads(line) for line in open(os.path.join(a, "sft.jsonl"))]
+    assert len(convs) == 4 * len(world.CATEGORIES) and all(c["messages"][-1]["content"].endswith("</answer>")
+                                                          for c in convs)
+    glance = [c["messages"] for c in convs if "square" in c["messages"][1]["content"]]
+    habit = [m for m in glance if "image_search" in m[2]["content"]]   # the needless search, 1 in 2, then a look
+    assert len(glance) == 4 and len(habit) == 2 and all(len(m) == 5 and "found 0 results" in m[3]["content"]
+                                                        for m in habit)
+
+
+def test_miniature_pipeline_trained_model_beats_untrained_and_its_own_no_tool_run(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    import world
+    res = world.pipeline(str(tmp_path / "world"), str(tmp_path / "runs"), n_sft=64, n_rl=4, n_heldout=6,
+                         rl_steps=1, sft_epochs=3)   # the quick start, shortened: 320 conversations x 3, 1 GRPO batch
+    assert res["untrained"]["tool_calls_per_item"] < res["SFT"]["tool_calls_per_item"]
+    # measured at seed 0: untrained 0, SFT 73.3, SFT+GRPO 73.3, tools disabled 6.7, GRPO from the base 0 (30 items,
+    # 221 s); the target is +20 points
+    assert res["SFT+GRPO"]["accuracy"] >= res["untrained"]["accuracy"] + 20
+    assert res["SFT+GRPO"]["accuracy"] >= res["SFT+GRPO, tools disabled"]["accuracy"] + 20
+    assert res["GRPO from the base"]["tool_calls_per_item"] == 0.0   # the base never calls a tool: nothing to learn
+
+
+def test_code_error_share_counts_the_code_runs_that_wrote_to_stderr():
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    import world
+    ok, bad = (T.format_code_result(dict(stdout=o, stderr=e, images=[])) for o, e in (("4\n", ""), ("", "Traceback\n")))
+    assert world.code_error_share([{"trajectory": ok + "thinking" + bad}, {"trajectory": ok}]) == pytest.approx(100 / 3)
+    assert world.code_error_share([{"trajectory": "<answer>4</answer>"}]) == 0.0
