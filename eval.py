@@ -7,9 +7,11 @@
   python eval.py --bench RealX --no-tools ...               # the base-model-without-tools column
   python eval.py report runs/eval/RealX                     # every item's turns in one HTML page
 
-The paper's protocol per benchmark (data/PROTOCOL.md, Evaluation): greedy, up to 11 tool calls, at
-most 20480 new tokens a model turn; the `code` prompt for the VLMEvalKit sets, `agent` for RealX and
-the search sets, `direct` with --no-tools; a response without <answer> is scored on its final text.
+The paper's protocol per benchmark (data/PROTOCOL.md, Evaluation): greedy, at most 11 model calls,
+at most 20480 new tokens a model turn; the `code` prompt for the VLMEvalKit sets, `agent` for RealX
+and the search sets, `direct` with --no-tools; a response without <answer> is scored on its final
+text. The VLMEvalKit sets run as the authors' fork of VLMEvalKit ran them (support/fork.py): each
+image sent, each turn read and each observation returned as its loop did.
 Scoring follows VLMEvalKit per benchmark (BENCHES below): multiple choice by letter or option text,
 then the judge maps a free answer to an option; ChartQA relaxed (5%); OCRBench substring of any
 reference (a count out of 1000, as printed in the paper); the math sets by rules, then the
@@ -43,6 +45,7 @@ import model as M
 import rollout as R
 from support import flags, reading, runs
 from support import report as html_report
+from support import fork
 from support.benchmarks import BENCHES, PAPER, default_path, fetch, load, missing, wemath_strict
 from support.scoring import JudgeError, LLMJudge, judged_choice, ocr_match, rule_score
 
@@ -50,14 +53,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ============================================= the loop: each item through the agent, one line each
-def evaluate(model, processor, items, out, batch=16, judge=None, **rollout_kw):
+def evaluate(model, processor, items, out, batch=16, judge=None, send=None, **rollout_kw):
     """Run every unfinished item through the agent loop (greedy), append each result as soon as its
-    trajectory ends (an interrupt loses only the items in flight), return all rows."""
+    trajectory ends (an interrupt loses only the items in flight), return all rows. `send`: what
+    becomes of an image before the model sees it (the VLMEvalKit sets: as the authors' fork sent
+    it, support/fork.py)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "predictions.jsonl")
     drop_torn_line(path)
     done = {k for k, r in latest_rows(path).items() if not r["infra_error"]}   # infra: retried
     todo = [it for it in items if it.id not in done]
+    send = send or (lambda image: image)
     t0, finished = time.time(), [0]
     with open(path, "a", encoding="utf-8") as f:
         for i in range(0, len(todo), batch):
@@ -72,8 +78,8 @@ def evaluate(model, processor, items, out, batch=16, judge=None, **rollout_kw):
                 finished[0] += 1
                 reading.progress(finished[0], len(todo), f"items ({time.time() - t0:.0f}s)",
                                  file=sys.stderr)
-            samples = [R.Sample([M.load_image(x) for x in it.images], it.question, it.answers[0],
-                                it.data_source, it.id) for it in chunk.values()]
+            samples = [R.Sample([send(M.load_image(x)) for x in it.images], it.question,
+                                it.answers[0], it.data_source, it.id) for it in chunk.values()]
             R.rollout(model, processor, samples, temperature=0.0, keep_images=True, on_done=write,
                       **rollout_kw)
     if todo:
@@ -85,16 +91,22 @@ def evaluate(model, processor, items, out, batch=16, judge=None, **rollout_kw):
 # ========================================================================================== scoring
 def score(pred, item, judge=None):
     """-> 1.0 / 0.0, or None when the judge was unreachable (an infrastructure error, not a wrong
-    answer). The rules are the training reward's own (grpo.rule_score); the judge decides what they
-    reject, as VLMEvalKit does."""
+    answer). The sets support/fork.py knows as the authors' fork scored them; the rest by the
+    training reward's rules (support.scoring.rule_score), then the judge on what they reject, as
+    VLMEvalKit does."""
     if pred is None or not str(pred).strip():
         return 0.0
     if item.scorer == "ocr":   # OCRBench: any reference contained in the answer
         return float(any(ocr_match(pred, gold, item.groups) for gold in item.answers))
+    if item.scorer in fork.SCORERS:   # as the authors' fork scored the set
+        try:
+            return fork.score(pred, item, judge)
+        except JudgeError:
+            return None
     if any(rule_score(pred, gold, item.question, item.options, item.tolerance)
            for gold in item.answers):
         return 1.0
-    if judge is None or item.scorer == "relaxed":   # ChartQA: relaxed accuracy alone, as VLMEvalKit
+    if judge is None:
         return 0.0
     try:
         if item.options or item.scorer == "mcq":   # VLMEvalKit's "extract the choice" step
@@ -198,21 +210,29 @@ def latest_rows(path):
     return rows
 
 
+def forked(bench):
+    """The VLMEvalKit sets run as the authors' VLMEvalKit fork ran them (support/fork.py): images
+    sent as it sent them, turns read and observations returned as its loop did."""
+    return BENCHES[bench].loader == "tsv"
+
+
 def protocol(args, bench, data, cfg):
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=HERE).stdout.strip()
     except OSError:
         commit = ""
-    settings = {k: v for k, v in cfg.items() if k not in ("prompt", "search_url")}
+    settings = {k: getattr(v, "__name__", v) for k, v in cfg.items()
+                if k not in ("prompt", "search_url")}   # read / observe: by name
     return dict(bench=bench, data=os.path.abspath(data), model=args.model, commit=commit,
                 weights=runs.model_fingerprint(args.model), search_url=args.search_url,
                 date=time.strftime("%Y-%m-%d %H:%M:%S"), judge=args.judge_url and args.judge_model,
                 prompt=dict(name=prompt_of(args, bench, data), system=cfg["prompt"].system,
                             user=cfg["prompt"].user),
-                rollout=settings, scorer=BENCHES[bench].scorer, rules="option letter / text, "
-                "numbers within tolerance, normalised text over the aliases (support.scoring."
-                "rule_score); then the judge on what they reject")
+                rollout=settings, scorer=BENCHES[bench].scorer,
+                images="as the authors' fork sent them" if forked(bench) else "as they are",
+                rules="option letter / text, numbers within tolerance, normalised text over the "
+                "aliases (support.scoring.rule_score); then the judge on what they reject")
 
 
 def parse_args(argv=None):
@@ -230,8 +250,8 @@ def parse_args(argv=None):
                     help="no tools: the direct prompt, tool calls refused")
     ap.add_argument("--limit", type=int, help="only the first N items of each benchmark")
     ap.add_argument("--batch", type=int, default=16, help="items per rollout batch")
-    ap.add_argument("--max-turns", type=int, default=12, help="model turns per item (the paper: up "
-                    "to 11 tool calls, then the answer)")
+    ap.add_argument("--max-turns", type=int, default=11, help="model calls per item (the authors' "
+                    "fork: at most 11; the 11th call's code is never seen)")
     ap.add_argument("--max-turn-tokens", type=int, default=20480,
                     help="new tokens per model turn (the paper)")
     ap.add_argument("--max-response-tokens", type=int, default=32768,
@@ -275,12 +295,14 @@ def prompt_of(args, bench, data):
     return BENCHES[bench].prompt or os.path.join(os.path.dirname(data), "world_system_prompt.txt")
 
 
-def rollout_config(args, prompt):
-    """Greedy; image_i in the sandbox is the resized image the model sees (as the original's)."""
+def rollout_config(args, bench, prompt):
+    """Greedy; image_i in the sandbox is the resized image the model sees (as the original's); the
+    VLMEvalKit sets' turns read and observations sent as the authors' fork did."""
     return dict(max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
                 max_response_tokens=args.max_response_tokens, max_pixels=args.max_pixels,
                 search_url=args.search_url, tools_on=not args.no_tools,
-                prompt=R.load_prompt(prompt), sandbox_sees="model")
+                prompt=R.load_prompt(prompt), sandbox_sees="model",
+                **(dict(read=fork.read_turn, observe=fork.observe) if forked(bench) else {}))
 
 
 def claim_output(out, proto, overwrite):
@@ -290,7 +312,7 @@ def claim_output(out, proto, overwrite):
     path = os.path.join(out, "protocol.json")
     # the weights by their content (a checkpoint is replaced in place by every save); not the search
     # URL: items that met a search outage are retried against a new one
-    keys = ("bench", "data", "model", "weights", "judge", "prompt", "rollout")
+    keys = ("bench", "data", "model", "weights", "judge", "prompt", "rollout", "images")
     if os.path.exists(path) and not overwrite:
         try:
             with open(path) as f:
@@ -315,7 +337,7 @@ def print_table(results):
     paper prints)."""
     cell = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
     print(f"\n{'benchmark':22s} {'ours':>7s} {'DeepEyesV2':>11s} {'Qwen2.5-VL':>11s} {'items':>6s} "
-          f"{'tools/item':>10s} {'turns':>6s}")
+          f"{'tools/item':>10s} {'turns':>6s}  scored")
     for name, r in results.items():
         paper = BENCHES[name].paper
         if isinstance(r, str):
@@ -324,7 +346,10 @@ def print_table(results):
         scale = 10 if BENCHES[name].scorer == "ocr" else 1   # OCRBench: out of 1000
         ours = r["metric"][1] if "metric" in r else r["accuracy"] * scale
         print(f"{name:22s} {ours:7.1f} {cell(paper[0]):>11s} {cell(paper[1]):>11s} "
-              f"{r['scored']:6d} {r['tool_calls_per_item']:10.2f} {r['mean_turns']:6.2f}")
+              f"{r['scored']:6d} {r['tool_calls_per_item']:10.2f} {r['mean_turns']:6.2f}  "
+              + ("as the fork" if fork.scores(BENCHES[name]) else "ours"))
+    print("scored as the fork: as the authors' VLMEvalKit fork scores that set (support/fork.py); "
+          "ours: rules, then the judge (not yet the fork's way for that set)")
 
 
 def report(run_dir, data_root=None):
@@ -365,14 +390,15 @@ def main(argv=None):
                 sys.exit(f"error: no usable items in {data}")
             results[bench] = f"not run: no usable items in {data}"
             continue
-        cfg = rollout_config(args, prompt_of(args, bench, data))
+        cfg = rollout_config(args, bench, prompt_of(args, bench, data))
         folder = bench + ("-notools" if args.no_tools else "")
         out = os.path.join("runs", "eval", folder) if not args.out else \
             os.path.join(args.out, folder) if len(args.benches) > 1 else args.out
         claim_output(out, protocol(args, bench, data, cfg), args.overwrite)
         if model is None:
             model, processor = M.load_model(args.model)
-        rows = evaluate(model, processor, items, out, args.batch, judge, **cfg)
+        send = fork.as_the_fork_sends if forked(bench) else None
+        rows = evaluate(model, processor, items, out, args.batch, judge, send, **cfg)
         name = "RealX (public 194)" if bench == "RealX" and len(items) == 194 else bench
         label = f"{name}, {len(items)} items" + (", no tools" if args.no_tools else "")
         results[bench] = summarize(rows, label)

@@ -98,19 +98,21 @@ def train(args):
     step = runs.load_checkpoint(ckpt, model, opt) if ckpt else 0
     judge = LLMJudge(args.judge_url, args.judge_model) if args.judge_url else None
     prompt = R.load_prompt(args.prompt)   # for rows that carry no prompt of their own
-    image_cache = args.image_search_cache and tools.ImageSearchCache(args.image_search_cache)
+    image_cache = args.image_search_cache and tools.ImageSearchCache(
+        args.image_search_cache, end_on_miss=args.image_search_miss == "end")
+    val = load_prompts(args.val_data)[rank::world] if args.val_data else []
     os.makedirs(args.out, exist_ok=True)
     n_batches = min(args.steps, math.ceil(len(samples) * args.epochs / args.prompts))
+    limits = dict(max_turns=args.max_turns, search_url=args.search_url, prompt=prompt,
+                  max_response_tokens=args.max_response_tokens, max_pixels=args.max_pixels,
+                  max_turn_tokens=args.max_turn_tokens, image_search_cache=image_cache)
     for step in range(step, n_batches):
         t0 = time.time()
         prompts = [samples[(step * args.prompts + k) % len(samples)] for k in range(args.prompts)]
         prompts = prompts[rank::world]   # torchrun: each rank rolls out whole groups of its share
         sampler.eval()
         trajs = R.rollout(sampler, processor, prompts, n=args.group, temperature=args.temperature,
-                          top_p=args.top_p, max_turns=args.max_turns, search_url=args.search_url,
-                          max_response_tokens=args.max_response_tokens, prompt=prompt,
-                          max_turn_tokens=args.max_turn_tokens, max_pixels=args.max_pixels,
-                          image_search_cache=image_cache)
+                          top_p=args.top_p, **limits)
         t1 = time.time()
         score_all(trajs, judge, args.judge_mode)
         rollout_metrics = batch_metrics(trajs)
@@ -123,6 +125,8 @@ def train(args):
         if sampler is not model:
             dist.copy_weights(model, sampler)   # the rollout's copy takes the updated weights
         times = dict(t_rollout=t1 - t0, t_reward=t2 - t1, t_update=time.time() - t2)
+        if val and (step + 1) % args.val_every == 0:   # the held-out check, as the launch script's
+            upd.update(validate(sampler, processor, val, judge, limits))
         metrics = dist.all_mean(dict(step=step + 1, **rollout_metrics, **upd, **times),
                                 sums=("infra_errors", "non_finite_steps"))
         if rank == 0:   # torchrun: one process writes
@@ -204,6 +208,22 @@ def score_all(trajs, judge=None, judge_mode="all", workers=16):
             t.reward = dict(score=0.0, acc=0.0, format=0.0, judged=False)
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, trajs))
+
+
+def validate(sampler, processor, samples, judge, limits):
+    """Accuracy on the validation prompts (the launch script: V*, every 4 batches), greedy, one
+    sample each: right when the answer is the gold or starts with it, else as the judge (without
+    one, the rules) says. A judge failure is counted apart, never scored."""
+    right, failed = 0, 0
+    for t in R.rollout(sampler, processor, samples, temperature=0, **limits):
+        pred, gold = (t.answer or "").strip(), t.sample.answer
+        try:
+            right += bool(pred) and (pred.lower().startswith(gold.lower()) or bool(
+                judge.perception(t.sample.question, gold, pred) if judge else
+                rule_score(pred, gold, t.sample.question)))
+        except JudgeError:
+            failed += 1
+    return dict(val_acc=right / max(len(samples) - failed, 1), val_judge_errors=failed)
 
 
 @torch.no_grad()
@@ -321,8 +341,10 @@ def parse_args(argv=None):
                     help="prompts per optimizer step (8 steps per batch)")
     ap.add_argument("--micro-batch", type=int, default=4,
                     help="trajectories per forward (memory, not math)")
-    ap.add_argument("--epochs", type=float, default=1, help="passes over the prompts")
-    ap.add_argument("--steps", type=int, default=10**9, help="stop after this many rollout batches")
+    ap.add_argument("--epochs", type=float, default=32, help="passes over the prompts at most "
+                    "(the launch script's 32)")
+    ap.add_argument("--steps", type=int, default=60, help="rollout batches at most: where the "
+                    "paper's RL curves end (~60); whichever of --epochs and --steps comes first")
     ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (constant)")
     ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
@@ -345,6 +367,13 @@ def parse_args(argv=None):
                     "or a system prompt file")
     ap.add_argument("--image-search-cache", help="the released image-search cache JSON (keyed by "
                     "the row's id): image search answers from it, as the original's")
+    ap.add_argument("--image-search-miss", choices=["end", "observe"], default="end",
+                    help="an image search the cache has no entry for: end the episode (the "
+                    "original's), or answer with an error observation")
+    ap.add_argument("--val-data", help="validation prompts JSONL (the original: V*), scored "
+                    "greedily every --val-every batches into the metrics (val_acc)")
+    ap.add_argument("--val-every", type=int, default=4, help="rollout batches between "
+                    "validations (the launch script's 4)")
     ap.add_argument("--judge-mode", choices=["all", "rules-first"], default="all", help="with a "
                     "judge: judge every answer (the paper), or only those the rules reject "
                     "(cheaper; the metrics say how many were judged)")
@@ -373,11 +402,13 @@ def parse_args(argv=None):
     flags.check_args(ap, args, positive=("prompts", "mini_batch", "micro_batch", "epochs", "steps",
                                          "lr", "grad_clip", "max_turns", "max_turn_tokens",
                                          "max_response_tokens", "max_pixels", "save_every",
+                                         "val_every",
                                          "temperature", "top_p", "dual_clip"),
                      fraction=("top_p", "weight_decay", "clip_low"),
                      at_most=dict(lr=1.0, epochs=1000))
-    if args.image_search_cache and not os.path.isfile(args.image_search_cache):
-        ap.error(f"--image-search-cache {args.image_search_cache}: no such file")
+    for flag in ("image_search_cache", "val_data"):
+        if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file")
     try:   # a missing prompt file is found now, not after the model has loaded
         R.load_prompt(args.prompt)
     except FileNotFoundError as e:

@@ -17,6 +17,7 @@ A tiny Qwen2.5-VL for CPUs (the tests, the miniature): `python -m support.tiny D
 (support/tiny.py).
 """
 import functools
+import inspect
 import io
 import math
 import os
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 try:   # transformers >= 5.2x: the PIL image processor (no torchvision needed)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -198,6 +199,30 @@ def rope_positions(model, seq, device=None):
     return pos[:, 0]
 
 
+# transformers 5.x renamed the forward's cache argument (`cache=`, deprecating `past_key_values=`)
+FORWARD = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+CACHE_KW = "cache" if "cache" in FORWARD else "past_key_values"
+
+
+def forward_cached(model, ids, pos, mask, cache, **kw):
+    """The forward of new tokens [B, P] at positions [3, B, P] after `cache` (which it extends);
+    `mask` [B, cached + P] is 0 on padding."""
+    return model(input_ids=ids, position_ids=pos, attention_mask=mask, **{CACHE_KW: cache},
+                 use_cache=True, **kw)
+
+
+def stack_caches(caches):
+    """Per-layer (k, v) caches of shape [1, H, T_b, D], left-padded to the longest and stacked:
+    -> (one DynamicCache for the batch, its mask [B, T], 0 on padding)."""
+    T = [c[0][0].shape[2] for c in caches]
+    pad = lambda x, n: F.pad(x, (0, 0, max(T) - n, 0))
+    stack = lambda i, kv: torch.cat([pad(c[i][kv], n) for c, n in zip(caches, T)])
+    cache = DynamicCache([(stack(i, 0), stack(i, 1)) for i in range(len(caches[0]))])
+    mask = torch.tensor([[0] * (max(T) - n) + [1] * n for n in T],
+                        device=cache.layers[0].keys.device)
+    return cache, mask
+
+
 def collate(model, seqs, device):
     """Right-pad sequences into one batch: ids, attention mask, explicit positions, and all their
     images."""
@@ -243,6 +268,14 @@ def guarded_tokens(tok):
 
 
 # ------------------------------------------------------------------------------------------- images
+@functools.lru_cache(maxsize=4)
+def closing_tokens(tok):
+    """Ids of tokens holding ">": only they can end a stop string, so only they make us decode the
+    tail (decoding every row's tail every step cost more host time than the 7B's decode step)."""
+    names = tok.convert_ids_to_tokens(list(range(len(tok))))
+    return frozenset(i for i, t in enumerate(names) if ">" in t)
+
+
 def load_image(src, check_only=False):
     """An RGB image from a path or bytes, decoded in full (a truncated file fails here, at load, not
     mid-run); check_only: open and verify only (fast), return None. Anything unreadable raises
@@ -260,9 +293,9 @@ def load_image(src, check_only=False):
         raise ValueError(f"unreadable image {what}: {type(e).__name__}: {str(e)[:120]}") from e
 
 
-def prepare_image(img, min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS):
+def prepare_image(img, min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS, resample=Image.BICUBIC):
     """Squeeze aspect ratios > 200, upscale sides < 32 px, then smart-resize to multiples of 28 (as
-    the original)."""
+    the original; BICUBIC, as the processor)."""
     img = img.convert("RGB")
     w, h = img.size
     if not w or not h:
@@ -282,7 +315,7 @@ def prepare_image(img, min_pixels=MIN_PIXELS, max_pixels=RL_MAX_PIXELS):
         hb, wb = math.ceil(h * beta / FACTOR) * FACTOR, math.ceil(w * beta / FACTOR) * FACTOR
     # rounding a thin side up to 28 can pass the processor's 200:1
     hb, wb = min(hb, 200 * wb), min(wb, 200 * hb)
-    return img if (wb, hb) == img.size else img.resize((wb, hb), Image.BICUBIC)
+    return img if (wb, hb) == img.size else img.resize((wb, hb), resample)
 
 
 def set_gradient_checkpointing(model):

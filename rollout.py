@@ -1,28 +1,22 @@
 """rollout.py -- the agent loop: a model becomes an agent that thinks, calls tools, reads, answers.
 
 One loop serves RL (grpo.py, sampled) and evaluation (eval.py, greedy). A round: the active
-trajectories prefill their pending tokens (the prompt, or the last observation), each into its own
-KV cache; they decode together in one batch until each has ended its turn (the close of a call the
-prompt offers, or `<|im_end|>`); their tools run concurrently; each observation is appended in the
-original's token format (data/PROTOCOL.md). A trajectory's ids are its segments' encodings in turn
-(prompt, model turns, observations ending in a pre-filled `<think>`), as sft.py encodes them too.
+trajectories prefill their pending tokens (the prompt, or the last observation) into their own KV
+caches; they decode together until each has ended its turn (the close of a call the prompt offers,
+or `<|im_end|>`); their tools run concurrently; each observation is appended in the original's
+token format (data/PROTOCOL.md), as sft.py encodes it too.
 
 Deliberate choices:
-- Prefill is the model's own forward, M-RoPE positions passed explicitly; a GRPO group's prompt
-  and image are prefilled once and shared by its samples.
-- Each trajectory keeps its KV cache across turns: an observation costs only its own prefill.
-- The decode step (support/fast_decode.py) is the model's decode written against its weights over
-  preallocated KV slots, one CUDA graph on a GPU; a test pins its log-probs to the trainer's.
-- Rounds are synchronous: a turn that ended early waits for the round's longest. Simpler than
-  continuous batching, at some decode efficiency.
-- The policy never emits `<|endoftext|>`, `<|im_start|>` or vision tokens (banned, as the original).
+- Prefill and decode are the model's own forward, M-RoPE positions passed explicitly. A GPU runs
+  the same decode step as one CUDA graph (support/fast_decode.py; a test pins the two together).
+- A GRPO group's prompt and image are prefilled once; a trajectory keeps its KV cache across turns.
+- Rounds are synchronous: a turn that ended early waits for the round's longest (simpler than
+  continuous batching). The policy never emits `<|im_start|>` or vision tokens (as the original).
 - A tool backend failure (sandbox or search down) is an observation the model can go on from,
   counted in `Trajectory.infra_errors`, never scored as a wrong answer (`on_infra_error="end"`
   ends the episode, as the original did). With `tools_on=False` a call is refused so too.
 Speed: `python -m support.bench rollout` (tok/s against model.generate one at a time; README).
 """
-import functools
-import inspect
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+from transformers import DynamicCache
 
 import tools
-from model import RL_MAX_PIXELS, Seq, encode, encode_plain, prepare_image, rope_positions
+from model import (RL_MAX_PIXELS, Seq, closing_tokens, encode, encode_plain, forward_cached,
+                   prepare_image, rope_positions, stack_caches)
 from support.fast_decode import StaticKV
 from tools import IMAGE_PLACEHOLDER
 
@@ -43,9 +38,6 @@ TOOLS_OFF = "Error: tools are disabled in this run; answer from what you already
 OBS_PREFIX = "<|im_end|>\n<|im_start|>user\n"              # closes the turn, opens a user turn
 OBS_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>"   # ... and pre-fills the next <think>
 STOP_WINDOW = len("</tool_call>")   # tokens to decode for the stop check: a token is >= 1 character
-# transformers 5.x renamed the forward's cache argument (`cache=`, deprecating `past_key_values=`)
-FORWARD = inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
-CACHE_KW = "cache" if "cache" in FORWARD else "past_key_values"
 BANNED = ("<|endoftext|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
           "<|image_pad|>", "<|video_pad|>")
 
@@ -81,10 +73,7 @@ class Trajectory:
     next_pos: int = 0        # M-RoPE position of the next token (set by prefill)
     turn_ids: list = field(default_factory=list)
     forced: list = field(default_factory=list)
-
-    @property
-    def answer(self):
-        return tools.extract_answer(self.response)
+    answer = property(lambda self: tools.extract_answer(self.response))
 
 
 @dataclass
@@ -131,6 +120,8 @@ class Settings:
     sandbox_sees: str = "original"      # image_i: "original" (RL) or "model" (eval: as it sees)
     on_infra_error: str = "observe"     # "observe": an error observation and go on; "end"
     keep_images: bool = False           # keep tool-output images (eval writes them out)
+    read: object = None                 # eval: how a turn is read (None: tools.parse_action, RL's)
+    observe: object = None              # eval: (text, images) -> (text, images, what follows)
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -145,10 +136,10 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
     # the image is processed once a prompt; each of its n trajectories gets its own lists
     for s in samples:
         one = start(processor, s, prompt, cfg.max_pixels)
-        copy = lambda: Trajectory(s, Seq(list(one.seq.ids), list(one.seq.mm), list(one.seq.pixels),
-                                         list(one.seq.grids)), one.prompt_len,
-                                  list(one.action_mask), list(one.logprobs))
-        trajs += [one] + [copy() for _ in range(n - 1)]
+        seq = lambda: Seq(*(list(x) for x in (one.seq.ids, one.seq.mm, one.seq.pixels,
+                                              one.seq.grids)))
+        trajs += [one] + [Trajectory(s, seq(), one.prompt_len, list(one.action_mask),
+                                     list(one.logprobs)) for _ in range(n - 1)]
     boxes = {}
 
     def sandbox_of(t):   # one sandbox per trajectory, started on its first code call
@@ -173,7 +164,8 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
                 if on_done is not None:
                     on_done(t)
 
-    kv = StaticKV(model)   # the decode batch's KV cache, kept across turns
+    # the decode batch; a GPU runs the same step as one CUDA graph (support/fast_decode.py)
+    kv = (StaticKV if next(model.parameters()).is_cuda else PlainKV)(model)
     pool = ThreadPoolExecutor(max_workers=min(32, max(1, len(trajs))))
     try:
         report_ended()
@@ -190,7 +182,7 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
             for t in active:
                 t.turns += 1
                 text = tok.decode(t.turn_ids)
-                action = tools.parse_action(text, prompt.tools)   # what the prompt offers
+                action = (cfg.read or tools.parse_action)(text, prompt.tools)   # as offered
                 if len(t.turn_ids) >= cfg.max_turn_tokens and action.kind != "answer":
                     t.finish = "turn_tokens"
                 elif len(t.seq.ids) - t.prompt_len >= cfg.max_response_tokens:
@@ -207,7 +199,7 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
                 text, images = jobs[id(t)].result()
                 if t.infra_errors and cfg.on_infra_error == "end":
                     t.finish = "infra_error"
-                else:
+                if not t.finish:   # (an image search the released cache cannot answer ends it)
                     append_observation(processor, t, text, images, cfg)
             report_ended()
     finally:
@@ -220,11 +212,9 @@ def rollout(model, processor, samples, n=1, script=None, on_done=None, **overrid
 # -------------------------------------------------------------------------- one round, step by step
 def prefill(model, trajs, max_batch_tokens=16384, share=True):
     """Prefill the tokens not yet in each trajectory's cache, several a forward; -> last logits.
-    A batch row is [pad | its cache | pad | its new tokens], so every row's last token is last; the
-    pads are masked out, and stripped from the cache kept. The samples of one prompt share its
-    prefill (share=True): one runs, the others take its cache, logits and positions, so a GRPO
-    group's prompt and image go through the model once, not 16 times (by reference: no one writes
-    a trajectory's cache in place)."""
+    A batch row is [pad | its cache | pad | its new tokens]: every row's last token is last, the
+    pads masked out and stripped from the cache kept. With `share`, a prompt's samples share its
+    prefill: one runs, the others take its cache (no one writes a cache in place) and logits."""
     dev = next(model.parameters()).device
     pad = model.config.text_config.pad_token_id or 0
     logits = [None] * len(trajs)
@@ -242,7 +232,7 @@ def prefill(model, trajs, max_batch_tokens=16384, share=True):
             group.append(order.pop(0))
         ts = [trajs[i] for i in group]
         P = max(len(t.seq.ids) - t.cached for t in ts)
-        cache, mask = stack_caches(ts) if ts[0].cache else \
+        cache, mask = stack_caches([t.cache for t in ts]) if ts[0].cache else \
             (DynamicCache(), torch.zeros(len(ts), 0, dtype=torch.long))
         ids = torch.full((len(ts), P), pad, dtype=torch.long)
         pos = torch.zeros(3, len(ts), P, dtype=torch.long)
@@ -260,8 +250,7 @@ def prefill(model, trajs, max_batch_tokens=16384, share=True):
             grids = [g for t in ts for g in t.seq.grids[t.cached_images:]]
             kw["image_grid_thw"] = torch.tensor(grids, device=dev)
         mask = torch.cat([mask.to(dev), new.to(dev)], 1)
-        out = model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask,
-                    **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1, **kw)
+        out = forward_cached(model, ids.to(dev), pos.to(dev), mask, cache, logits_to_keep=1, **kw)
         L = mask.shape[1] - P
         for b, (i, t) in enumerate(zip(group, ts)):
             # its old cache and its new tokens: two slices, no host sync
@@ -318,10 +307,39 @@ def decode_turns(kv, tok, trajs, first_logits, cfg):
             trajs[i].cached += 1
 
 
+class PlainKV:
+    """The decode batch: each row's cache left-padded to the longest (masked), one DynamicCache; a
+    step is the model's own forward on one token a row. Rows that end leave the batch."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def load(self, trajs):
+        self.cache, self.mask = stack_caches([t.cache for t in trajs])
+        self.pos = torch.tensor([t.next_pos for t in trajs], device=self.mask.device)
+
+    def step(self, token):
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        # decoding text, M-RoPE's three positions are the same
+        pos = self.pos.view(1, -1, 1).expand(3, -1, 1)
+        out = forward_cached(self.model, token[:, None], pos, self.mask, self.cache)
+        self.pos = self.pos + 1
+        return out.logits[:, -1]
+
+    def keep(self, rows):
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.mask, self.pos = self.mask[idx], self.pos[idx]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+
+    def row_cache(self, r, n):   # a row's n cached tokens are the last n: it is left-padded
+        return [(x.keys[r:r + 1, :, -n:], x.values[r:r + 1, :, -n:]) for x in self.cache.layers]
+
+
 def sample_token(logits, temperature, top_p, banned, forced=None):
     """-> (tokens, their log-probs). temperature 0 is greedy; `forced` (-1 = sample) overrides rows
-    for a scripted policy. The log-prob is the model's own (before the ban and top-p), which is
-    exactly what the trainer's forward recomputes: the parity test pins it."""
+    for a scripted policy. The log-prob is the model's own (before the ban and top-p): what the
+    trainer's forward recomputes (the parity test pins it)."""
     logp = F.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
     allowed = logp.clone()
     allowed[:, banned] = float("-inf")
@@ -339,14 +357,6 @@ def sample_token(logits, temperature, top_p, banned, forced=None):
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
-@functools.lru_cache(maxsize=4)
-def closing_tokens(tok):
-    """Ids of tokens holding ">": only they can end a stop string, so only they make us decode the
-    tail (decoding every row's tail every step cost more host time than the 7B's decode step)."""
-    names = tok.convert_ids_to_tokens(list(range(len(tok))))
-    return frozenset(i for i, t in enumerate(names) if ">" in t)
-
-
 def run_tool(traj, action, sandbox, cfg):
     """-> (observation text, images). Tool errors are observations; backend failures counted."""
     traj.calls[action.kind] += 1
@@ -359,16 +369,16 @@ def run_tool(traj, action, sandbox, cfg):
         if action.kind == "search":
             return tools.text_search(action.arg, url=cfg.search_url)
         if action.kind == "image_search":
-            # the released cache, keyed by the sample (the original's way)
-            if cfg.image_search_cache:
-                return cfg.image_search_cache(traj.sample.id)
+            if cfg.image_search_cache:   # keyed by the sample; a miss may end it (the original's)
+                found = cfg.image_search_cache(traj.sample.id)
+                traj.finish = "" if found else "image_search_miss"
+                return found or ("", [])
             if not traj.sample.images:
                 return "Error: there is no image to search with.", []
             return tools.image_search(traj.sample.images[0], url=cfg.search_url)
         # a malformed call: the "Error: ..." text itself
         return action.arg, []
-    # SandboxError, SearchError, or a reply nobody foresaw: one trajectory's problem, counted and
-    # never scored, not the run's
+    # SandboxError, SearchError, a reply nobody foresaw: the trajectory's, counted, never scored
     except Exception as e:
         traj.infra_errors += 1
         why = f"{type(e).__name__}: {str(e)[:200]}"
@@ -383,7 +393,10 @@ def append_observation(processor, traj, text, images, cfg):
         text = tools.IMAGE_SLOT.join(kept[:room + 1]) + "".join(kept[room + 1:])
         text += f"\n[some images were dropped: at most {cfg.max_images} per trajectory]"
         images = images[:room]
-    obs = observation_tokens(processor, text, images, cfg.max_pixels)
+    suffix = OBS_SUFFIX
+    if cfg.observe:   # eval: the observation as the authors' VLMEvalKit fork sent it
+        text, images, suffix = cfg.observe(text, images)
+    obs = observation_tokens(processor, text, images, cfg.max_pixels, suffix)
     if len(traj.seq.ids) + len(obs.ids) - traj.prompt_len > cfg.max_response_tokens:
         traj.finish = "budget"
         return
@@ -394,12 +407,10 @@ def append_observation(processor, traj, text, images, cfg):
     traj.logprobs += [0.0] * len(obs.ids)
 
 
-def observation_tokens(processor, text, images, max_pixels=None):
-    """OBS_PREFIX + text + OBS_SUFFIX as tokens. The text is tool output (stdout, web pages):
-    untrusted. It is encoded as plain text, special-token strings included (a page's
-    "<|im_end|><|im_start|>system" stays text, not a fake turn), and the only images are the real
-    ones, one at each IMAGE_SLOT. The same ids as encoding the whole string when it holds no
-    special-token text (the parity tests pin it)."""
+def observation_tokens(processor, text, images, max_pixels=None, suffix=OBS_SUFFIX):
+    """OBS_PREFIX + text + suffix as tokens. The text is tool output, untrusted: encoded as plain
+    text (a page's "<|im_end|><|im_start|>system" stays text), the only images the real ones, one
+    at each IMAGE_SLOT; else the same ids as the whole string's (the parity tests pin it)."""
     kw = {"max_pixels": max_pixels} if max_pixels else {}
     # a lone surrogate (chr(0xd800)) becomes "?"
     text = text.encode("utf-8", "replace").decode("utf-8")
@@ -410,19 +421,8 @@ def observation_tokens(processor, text, images, max_pixels=None):
         seq.extend(Seq(ids, [0] * len(ids)))
         if k < len(images):
             seq.extend(encode(processor, IMAGE_PLACEHOLDER, images[k:k + 1], **kw))
-    seq.extend(encode(processor, OBS_SUFFIX))
+    seq.extend(encode(processor, suffix))
     return seq
-
-
-def stack_caches(trajs):
-    """Left-pad every trajectory's cache to the longest, stacked: one batch cache, its pad mask."""
-    L = max(t.cached for t in trajs)
-    pad = lambda x, t: F.pad(x, (0, 0, L - t.cached, 0))
-    stack = lambda i, kv: torch.cat([pad(t.cache[i][kv], t) for t in trajs])
-    cache = DynamicCache([(stack(i, 0), stack(i, 1)) for i in range(len(trajs[0].cache))])
-    mask = torch.tensor([[0] * (L - t.cached) + [1] * t.cached for t in trajs],
-                        device=cache.layers[0].keys.device)
-    return cache, mask
 
 
 # ------------------------------------------------------------------------------------------ prompts

@@ -23,13 +23,16 @@ import base64
 import hashlib
 import io
 import json
+import math
 import os
+import shutil
 import signal
 import socket
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import requests
@@ -40,6 +43,7 @@ import support.sandbox as box
 SEARCH_URL = os.environ.get("DEEPEYES_SEARCH_URL", "http://127.0.0.1:8765")   # a local server
 CACHE_DIR = os.environ.get("DEEPEYES_CACHE", os.path.expanduser("~/.cache/deepeyesv2"))
 MAX_IMAGES_PER_CALL = box.MAX_IMAGES_PER_CALL
+SandboxError = box.SandboxError   # it could not start or answer: counted, never scored
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"   # an image in the model's text
 # Where an image goes in an observation: a private-use character no tool output can carry (_plain
 # strips it). Observation text is encoded as plain text and one image goes at each slot.
@@ -63,69 +67,81 @@ def extract_answer(response):
     return tail[start + len("<answer>"):end].strip() if end >= 0 else None
 
 
-def last_between(text, open_tag, close_tag):
-    """The text inside the last open_tag ... close_tag pair (or None). str.rfind, not a regex: a
-    policy can write thousands of unclosed tags, and a lazy regex is quadratic over them."""
-    end = text.rfind(close_tag)
-    start = text.rfind(open_tag, 0, end) if end >= 0 else -1
-    return text[start + len(open_tag):end] if start >= 0 else None
+def last_match(text, open_tag, close_tag):
+    """The body of the last match of the lazy regex open_tag(.*?)close_tag, matches found left to
+    right as the original's re.findall finds them (or None). str.find: linear, where the regex is
+    quadratic over thousands of unclosed tags a policy can write."""
+    body, pos = None, 0
+    while (start := text.find(open_tag, pos)) >= 0:
+        end = text.find(close_tag, start + len(open_tag))
+        if end < 0:
+            break
+        body, pos = text[start + len(open_tag):end], end + len(close_tag)
+    return body
+
+
+def last_python_fence(block):
+    r"""The last match of the original's r'```python\s*\n(.*?)\n```' (DOTALL), or None, without its
+    backtracking (5 s over a fence followed by 15,000 blank lines): \s* takes the blank run after
+    the tag and gives back to its last newline; if no closing fence follows, to the one before."""
+    code, pos, last_close = None, 0, block.rfind("\n```")
+    while (start := block.find("```python", pos)) >= 0:
+        end = run = start + len("```python")
+        while end < len(block) and block[end].isspace():
+            end += 1
+        nl, pos = block.rfind("\n", run, end), end
+        close = block.find("\n```", nl + 1) if 0 <= nl < last_close else -1
+        if close >= 0:
+            code, pos = block[nl + 1:close], close + 4
+        elif nl >= 0 and block.startswith("```", nl + 1) and block.rfind("\n", run, nl) >= 0:
+            code, pos = block[block.rfind("\n", run, nl) + 1:nl], nl + 4
+    return code
 
 
 def parse_action(text, offered=("code", "search", "image_search")):
-    """What a model turn asks for. The original's precedence: answer > code > tool_call; the last
-    match of each wins. Whatever the text, this returns an Action: a malformed call is an "error"
-    the model reads and may recover from. A call of a tool the prompt does not offer (`offered`) is
-    no action, as in the authors' eval loop under the code prompt: nothing runs, and the turn's text
-    is the response."""
-    answer = last_between(text, "<answer>", "</answer>")
+    """What a model turn asks for, read as the original's environment reads it: an answer ends the
+    episode; else `<code>` anywhere makes it a code call, the last ```python block of the last
+    <code>...</code> (none: no action, the episode ends); else the last <tool_call>. A malformed
+    call is an "error" observation in the original's words, which the model may recover from. A
+    call of a tool the prompt does not offer is no action, as in the authors' eval loop under the
+    code prompt: nothing runs, and the turn's text is the response."""
+    answer = last_match(text, "<answer>", "</answer>")
     if answer is not None:
         return Action("answer", answer.strip())
     if "<code>" in text and "code" in offered:
-        block = text.rsplit("<code>", 1)[1].split("</code>", 1)[0]
-        start = block.rfind("```python")
-        while start >= 0:   # the last closed fence (each find stops at the next fence: linear)
-            end = block.find("```", start + len("```python"))
-            if end >= 0:
-                return Action("code", block[start + len("```python"):end].lstrip())
-            start = block.rfind("```python", 0, start)
-        return Action("error", "Error: no ```python block found inside <code></code>.")
-    call = last_between(text, "<tool_call>", "</tool_call>")
-    if call is None or not {"search", "image_search"} & set(offered):
+        code = last_python_fence(last_match(text, "<code>", "</code>") or "")
+        return Action("none") if code is None else Action("code", code)
+    raw = last_match(text, "<tool_call>", "</tool_call>")
+    if raw is None or not {"search", "image_search"} & set(offered):
         return Action("none")
     try:
-        call = json.loads(call.strip())
+        call = json.loads(raw.strip())
     # RecursionError: "[[[[..." nested past the parser's stack
     except (ValueError, RecursionError) as e:
-        return Action("error", f"Error: the tool call is not valid JSON ({str(e)[:200]}).")
-    if not isinstance(call, dict):
-        return Action("error", "Error: the tool call must be a JSON object with a 'name'.")
-    name, args = call.get("name"), call.get("arguments")
-    if name == "search":
-        query = args.get("query") if isinstance(args, dict) else None
-        if not isinstance(query, str) or not query.strip():
-            return Action("error", "Error: search needs {\"arguments\": {\"query\": \"...\"}}.")
-        return Action("search", query.strip())
-    if name == "image_search":
-        if args:
-            return Action("error", "Error: image_search takes no arguments; it searches the "
-                                   "original image.")
-        return Action("image_search")
-    return Action("error", f"Error: unknown tool {str(name)[:100]!r}; the tools are 'search' and "
-                           "'image_search'.")
+        return Action("error", f"Error: Invalid tool call format: {raw.strip()}. Error: {e}")
+    try:
+        name = call["name"]
+        if name not in ("search", "image_search"):
+            return Action("error", f"Error: Invalid tool call name: {raw.strip()}.")
+        if name == "image_search" and call.get("arguments") is not None:
+            return Action("error", "Error: Invalid tool call parameters for image search: "
+                                   f"{raw.strip()}.")
+        return Action(name, "" if name == "image_search" else str(call["arguments"]["query"]))
+    # a list, a string, no "name", no "query": the exception's text, as the original's
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        return Action("error", f"Error: {e}")
 
 
 # ====================================================================================== the sandbox
 class Sandbox:
     """A notebook-like Python session for one trajectory, `.run(code)` -> dict; a context manager:
     `with Sandbox([img]) as sb: sb.run("print(image_1.size)")["stdout"]`."""
-    warned = False
 
     def __init__(self, images=(), timeout=20, memory_mb=2048, cpu_seconds=120, scratch_mb=64):
         self.images = list(images)
         self.limits = dict(timeout=int(timeout), memory_mb=memory_mb, cpu_seconds=cpu_seconds,
                            scratch_mb=scratch_mb)
         self.sock = self.pid = self.scratch = None
-        self.restarts = 0
         self._start()
 
     def _start(self):
@@ -140,35 +156,17 @@ class Sandbox:
         self.sock.settimeout(30)
         try:
             self.protections = box.recv(self.sock)["protections"]
+            box.check_protections(self.protections)   # unconfined: refused (or warned, README)
             box.send(self.sock, {}, self.images)
             box.recv(self.sock)
-        except (OSError, EOFError, ValueError, KeyError, TypeError, RecursionError) as e:
+        except (OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError) as e:
             self.close()
-            raise SandboxError(f"sandbox failed to start: {str(e)[:200]}") from e
-        self._check_protections()
-
-    def _check_protections(self):
-        missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities",
-                               "seccomp", "unprivileged") if not self.protections.get(k)]
-        if not missing:
-            return
-        if os.environ.get("DEEPEYES_UNSAFE_SANDBOX") != "1":
-            self.close()
-            raise SandboxError(f"sandbox cannot isolate code here (missing: {', '.join(missing)}); "
-                               "enable unprivileged user namespaces or run as root, or set "
-                               "DEEPEYES_UNSAFE_SANDBOX=1 to run model code WITHOUT these "
-                               "protections")
-        if not Sandbox.warned:
-            Sandbox.warned = True
-            print(f"WARNING: sandbox running WITHOUT: {', '.join(missing)} "
-                  "(DEEPEYES_UNSAFE_SANDBOX=1)", file=sys.stderr)
+            raise SandboxError(f"sandbox failed to start: {str(e)[:300]}") from e
 
     def run(self, code):
-        """Run one cell. Returns stdout, stderr and images (PIL). Code that times out or dies
-        (memory, CPU time) restarts the session and says so; a reply that breaks the channel's
-        protocol (malformed, oversized, not the answer to this call: code inside the session can
-        write to the channel) restarts it too and raises SandboxError, an infrastructure error that
-        is counted, never scored."""
+        """One cell -> stdout, stderr, images (PIL). Code that times out or dies (memory, CPU time)
+        restarts the session and says so; a reply that breaks the channel's protocol (code in the
+        session can write to it) restarts it too and raises SandboxError (counted, never scored)."""
         # the in-session alarm fires first; this is the backstop
         self.sock.settimeout(self.limits["timeout"] + 5)
         # unguessable per call: a reply forged during one call cannot answer the next
@@ -192,11 +190,10 @@ class Sandbox:
                                "restarted") from e
         return dict(stdout=reply["stdout"][:2 * OUTPUT_LIMIT],
                     stderr=reply["stderr"][:2 * OUTPUT_LIMIT],
-                    images=reply["images"][:MAX_IMAGES_PER_CALL])
+                    images=[fit_code_image(im) for im in reply["images"][:MAX_IMAGES_PER_CALL]])
 
     def _restart(self):
         self.close()
-        self.restarts += 1
         self._start()
 
     def close(self):
@@ -209,7 +206,6 @@ class Sandbox:
             except ProcessLookupError:
                 pass
         if self.scratch and os.path.isdir(self.scratch):
-            import shutil
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.sock = self.pid = self.scratch = None
 
@@ -222,8 +218,21 @@ class Sandbox:
         self.close()
 
 
-class SandboxError(RuntimeError):
-    """Infrastructure failure (the sandbox could not start or answer): counted, never scored."""
+def fit_code_image(im):
+    """The original's rescale of an image from code: an aspect ratio over 200 is cut (the long side
+    to min(150, ratio / 2) times the short, the short one grown to match), then a side under 32 px
+    is grown to 32; LANCZOS. (model.prepare_image then applies, as to every image.)"""
+    w, h = im.size
+    ratio = max(w, h) / min(w, h)
+    if ratio > 200:
+        keep = min(150, ratio / 2)
+        longer, shorter = int(min(w, h) * keep), int(min(w, h) * ratio / keep)
+        w, h = (longer, shorter) if w >= h else (shorter, longer)
+        im = im.resize((w, h), Image.LANCZOS)
+    if min(w, h) < 32:
+        s = 32 / min(w, h)
+        im = im.resize((math.ceil(w * s), math.ceil(h * s)), Image.LANCZOS)
+    return im
 
 
 def _plain(s):
@@ -269,8 +278,7 @@ def _serper_shaped(reply):
 
 def _post(path, payload, url=None):
     """POST to the Serper-style endpoint; the key comes from the environment."""
-    headers = {"X-API-KEY": os.environ.get("SERPER_API_KEY", ""),
-               "Content-Type": "application/json"}
+    headers = {"X-API-KEY": os.environ.get("SERPER_API_KEY", "")}   # (JSON: requests says so)
     return post_json((url or SEARCH_URL).rstrip("/") + path, payload, _serper_shaped, SearchError,
                      headers)
 
@@ -335,15 +343,15 @@ def format_image_results(results):
 
 
 class ImageSearchCache:
-    """The original's image search: reverse-image results cached per training sample, because
-    reverse-image APIs need a public image URL. The released DeepEyesV2 search cache is one JSON
-    file {data_index: {"tool_returned_web_title": [...], "cached_images_path": [...]}}, keyed by the
-    sample's `extra_info.index` (our `id`); a result is returned when its image file exists (paths
-    relative to the file). The original ended the episode when a sample had no entry; here that is
-    an error observation and the model goes on (the reward then decides whether going on without it
-    was right)."""
+    """The original's image search: results cached per training sample (reverse-image APIs need a
+    public image URL). The released cache is one JSON file {data_index: {"tool_returned_web_title":
+    [...], "cached_images_path": [...]}} keyed by the sample's `extra_info.index` (our `id`); a
+    result counts when its image file exists (paths relative to the file). A sample without an entry
+    (all but the FVQA ones) gives None: the rollout ends the episode, as the original did, which
+    penalises image searches where they cannot help (`end_on_miss=False`: an error observation)."""
 
-    def __init__(self, path):
+    def __init__(self, path, end_on_miss=True):
+        self.end_on_miss = end_on_miss
         try:
             with open(path, encoding="utf-8") as f:
                 self.entries = json.load(f)
@@ -356,7 +364,8 @@ class ImageSearchCache:
     def __call__(self, key):
         entry = self.entries.get(str(key))
         if not isinstance(entry, dict):
-            return "Error: image search found nothing for this image.", []
+            return None if self.end_on_miss else ("Error: image search found nothing for this "
+                                                  "image.", [])
         results = []
         for title, path in zip(entry.get("tool_returned_web_title") or [],
                                entry.get("cached_images_path") or []):
@@ -370,32 +379,31 @@ class ImageSearchCache:
 
 # ============================================================================== the sandbox, inside
 def notebook(sock, scratch, limits):
-    """The notebook: exec each request in one persistent namespace, capture output and shown
-    images."""
+    """The session: each cell run in one persistent namespace; its output and figures sent back."""
     import ast
     import traceback
     import matplotlib.pyplot as plt
     got = box.lock_down(scratch, limits)
     shown = []
 
-    def display(*objs):
-        for obj in objs:
-            if isinstance(obj, Image.Image):
-                shown.append(obj.copy())
-            elif hasattr(obj, "savefig"):   # a matplotlib figure
-                obj.canvas.draw()
-                size, pixels = obj.canvas.get_width_height(), obj.canvas.buffer_rgba()
-                shown.append(Image.frombuffer("RGBA", size, pixels).copy())
-            else:
-                print(repr(obj))
-
-    def show(*a, **k):
+    def show(*a, **k):   # the original's: each open figure, laid out tight, as a PNG
         for num in plt.get_fignums():
-            display(plt.figure(num))
+            fig, buf = plt.figure(num), io.BytesIO()
+            with warnings.catch_warnings():   # "tight_layout not applied": as the original, quiet
+                warnings.simplefilter("ignore")
+                fig.tight_layout()
+                fig.savefig(buf, bbox_inches="tight", format="png")
+            shown.append(Image.open(buf))
         plt.close("all")
     plt.show = show
-    Image.Image.show = lambda self, *a, **k: display(self)
-    namespace = {"__name__": "__main__", "display": display}
+    # as the original's IPython without a screen: display() and a final expression print the
+    # value's repr; Image.show() shows nothing (no viewer). Images come back only at plt.show().
+    Image.Image.show = lambda self, *a, **k: None
+    display = lambda *objs: print(*map(repr, objs), sep="\n")
+    # what the original's session had run before the model's first cell: its safety prelude and
+    # the image loader (released trajectories use plt and Image without importing them)
+    namespace = {"__name__": "__main__", "display": display, "plt": plt, "os": os, "sys": sys,
+                 "Image": Image, "base64": base64, "BytesIO": io.BytesIO}
     def on_alarm(*_):
         raise TimeoutError(f"code execution exceeded {limits['timeout']} s; the session goes on")
     signal.signal(signal.SIGALRM, on_alarm)
@@ -415,16 +423,16 @@ def notebook(sock, scratch, limits):
         plt.close("all")
         sys.stdout, sys.stderr = out, err
         try:
-            tree = ast.parse(req["code"])
+            tree = ast.parse(req["code"], "<string>")
             last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
             signal.alarm(limits["timeout"])
             exec(compile(tree, "<code>", "exec"), namespace)
-            if last is not None:   # like a notebook cell: show the value of a final expression
+            if last is not None:   # like a notebook cell: print the value of a final expression
                 value = eval(compile(ast.Expression(last.value), "<code>", "eval"), namespace)
                 if value is not None:
                     display(value)
-        except SyntaxError:
-            err.write(traceback.format_exc(limit=0))
+        except SyntaxError as e:   # the original's wording
+            err.write(f"SyntaxError - {e}")
         except BaseException:     # the user's exception, SystemExit and KeyboardInterrupt included
             etype, evalue, tb = sys.exc_info()
             err.write("".join(traceback.format_exception(etype, evalue, tb.tb_next)))
@@ -436,9 +444,6 @@ def notebook(sock, scratch, limits):
         if len(shown) > len(images):
             err.write(f"\n[{len(shown) - len(images)} images dropped: at most "
                       f"{MAX_IMAGES_PER_CALL} per call]")
-        if not all(im.width and im.height for im in images):
-            err.write("\n[an empty image (0 pixels wide or high) cannot be shown]")
-            images = [im for im in images if im.width and im.height]
         for i, im in enumerate(images):   # bounded in size, in a mode the host can rebuild
             images[i] = im if im.mode in ("RGB", "RGBA", "L") else im.convert("RGB")
             images[i].thumbnail((4096, 4096))

@@ -3,6 +3,7 @@
   python -m support.bench sandbox                          # session start, warm call, 16 parallel sessions
   python -m support.bench rollout [--preset 7b --n 64 256 --skip-generate]   # tok/s: batched rollout vs
                                                            # model.generate one at a time; cache vs not
+  python -m support.bench profile [--preset 7b --n 64]     # torch.profiler over one rollout: ops table, trace
   python -m support.bench sft --preset 7b                  # peak memory and tokens/s of 7B SFT steps (GPU)
   python -m support.bench grpo --preset 7b --micro-batch 1 # peak memory and time of a 7B GRPO step (GPU)
 
@@ -42,17 +43,19 @@ def timer(phase):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    yield
+    with torch.profiler.record_function(phase):   # a labelled span in `profile`'s trace (free otherwise)
+        yield
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     PHASES[phase] += time.perf_counter() - t0
 
 
 @contextmanager
-def instrumented(re_prefill=False, share=True):
+def instrumented(re_prefill=False, share=True, other_decode=False):
     """Time the rollout's prefill and decode by wrapping them for the run (the loop itself has no timers).
-    re_prefill: drop every cache before each prefill (the naive way); share=False: prefill each sample."""
-    real_prefill, real_decode = R.prefill, R.decode_turns
+    re_prefill: drop every cache before each prefill (the naive way); share=False: prefill each sample;
+    other_decode: the decode the device does not use by default (a GPU: the plain forward; a CPU: StaticKV, eager)."""
+    real_prefill, real_decode, decoders = R.prefill, R.decode_turns, (R.StaticKV, R.PlainKV)
 
     def prefill(model, trajs):
         if re_prefill:
@@ -65,10 +68,13 @@ def instrumented(re_prefill=False, share=True):
         with timer("decode"):
             return real_decode(*args)
     R.prefill, R.decode_turns = prefill, decode
+    if other_decode:
+        R.StaticKV, R.PlainKV = decoders[1], decoders[0]
     try:
         yield
     finally:
         R.prefill, R.decode_turns = real_prefill, real_decode
+        R.StaticKV, R.PlainKV = decoders
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -117,22 +123,47 @@ def decode_bytes(model):
     return weights, per_token
 
 
-def bench_rollout(preset="mini", sizes=(16,), turns=4, turn_tokens=48, device=None, skip_generate=False, group=4):
-    """Same scripted work several ways: our rollout at each batch size (CUDA graphs on a GPU); at the first size
-    also re-prefill instead of cross-turn caches, GRPO-like groups (`group` samples a prompt) with the prompt
-    prefilled once or per sample, and `model.generate` one trajectory and one turn at a time (the naive way)."""
-    from PIL import Image
-    from model import token_logprobs
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = bench_model(preset, device)
-    tok = processor.tokenizer
+def scripted_work(tok, n, turns, turn_tokens):
+    """-> (script, samples): n distinct prompts (a 224 px image each), `turns` scripted turns of `turn_tokens` tokens
+    (code calls, then an answer)."""
     filler = tok.encode(" the red mark is small" * 40, add_special_tokens=False)
     code = tok.encode("<code>\n```python\nprint(1)\n```\n</code>", add_special_tokens=False)
     turn = tok.decode(filler[:turn_tokens - len(code)] + code)
     answer = tok.decode(filler[:turn_tokens - 8]) + "<answer>1</answer><|im_end|>"
-    script = lambda t, i: turn if i < turns - 1 else answer
-    samples = [Sample([Image.new("RGB", (224, 224), (i % 256, i // 256, 0))], f"Question {i}?")
-               for i in range(max(sizes))]
+    samples = [Sample([Image.new("RGB", (224, 224), (i % 256, i // 256, 0))], f"Question {i}?") for i in range(n)]
+    return (lambda t, i: turn if i < turns - 1 else answer), samples
+
+
+def profile_rollout(preset, n, turns, turn_tokens, out):
+    """torch.profiler over one rollout of n rows, after a warm-up (graphs captured, allocator grown): the ops by total
+    time, the prefill / decode / tool spans labelled, and a Chrome trace (chrome://tracing or ui.perfetto.dev) --
+    where a decode step and a turn spend their time, to remove the largest costs first."""
+    from torch.profiler import ProfilerActivity, profile
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = bench_model(preset, device)
+    script, samples = scripted_work(processor.tokenizer, n, turns, turn_tokens)
+    with instrumented():
+        rollout(model, processor, samples, script=script)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    PHASES.clear()
+    with profile(activities=acts) as prof, instrumented():
+        rollout(model, processor, samples, script=script)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30))
+    print("phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in PHASES.items()))
+    prof.export_chrome_trace(out)
+    print(f"wrote {out}")
+    return prof
+
+
+def bench_rollout(preset="mini", sizes=(16,), turns=4, turn_tokens=48, device=None, skip_generate=False, group=4):
+    """Same scripted work several ways: our rollout at each batch size (CUDA graphs on a GPU); at the first size
+    also re-prefill instead of cross-turn caches, GRPO-like groups (`group` samples a prompt) with the prompt
+    prefilled once or per sample, and `model.generate` one trajectory and one turn at a time (the naive way)."""
+    from model import token_logprobs
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = bench_model(preset, device)
+    script, samples = scripted_work(processor.tokenizer, max(sizes), turns, turn_tokens)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else ""
     peak = next((v for k, v in PEAK_TBS.items() if k in gpu), None)
@@ -141,7 +172,9 @@ def bench_rollout(preset="mini", sizes=(16,), turns=4, turn_tokens=48, device=No
     for n in sizes:
         modes = [(f"{n} rows (default)", samples[:n], 1, {})]
         if n == sizes[0]:
-            modes += [(f"{n} rows, re-prefill each turn", samples[:n], 1, dict(re_prefill=True)),
+            other = "the plain forward" if device.startswith("cuda") else "StaticKV, eager"
+            modes += [(f"{n} rows, decode by {other}", samples[:n], 1, dict(other_decode=True)),
+                      (f"{n} rows, re-prefill each turn", samples[:n], 1, dict(re_prefill=True)),
                       (f"{n // group} x {group}, prompt prefilled once", samples[:n // group], group, {}),
                       (f"{n // group} x {group}, prefilled per sample", samples[:n // group], group,
                        dict(share=False))]
@@ -155,7 +188,8 @@ def bench_rollout(preset="mini", sizes=(16,), turns=4, turn_tokens=48, device=No
             sync(); dt = time.perf_counter() - t0
             first = first or trajs
             gen = sum(sum(t.action_mask) for t in trajs)
-            step = (PHASES["decode"] - STATS["capture_s"]) / max(STATS["steps"], 1)   # capture: once a bucket
+            # StaticKV counts its steps (capture: once a bucket); the plain decode does not: no step time
+            step = (PHASES["decode"] - STATS["capture_s"]) / STATS["steps"] if STATS["steps"] else float("nan")
             moved = weights * STATS["steps"] + per_token * STATS["kv_tokens"]
             ceiling = moved / (step * STATS["steps"]) / (peak * 1e12) if peak else float("nan")
             rows[name] = dict(tok_s=gen / dt, s=dt, prompt=PHASES["prompt prefill"],
@@ -218,7 +252,7 @@ def bench_sandbox(n_parallel=16, repeats=20):
     """Session start, warm calls and parallel sessions, each against a fresh `python -c` per call, same run."""
     from concurrent.futures import ThreadPoolExecutor
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8))
-    crop = "image_1.crop((100, 100, 400, 400)).resize((600, 600)).show()"
+    crop = "plt.imshow(image_1.crop((100, 100, 400, 400)).resize((600, 600))); plt.axis('off'); plt.show()"
     tools.Sandbox([img]).close()   # start the zygote (once per process, not per session)
     med = lambda f: sorted(f() for _ in range(repeats))[repeats // 2]
 
@@ -229,8 +263,9 @@ def bench_sandbox(n_parallel=16, repeats=20):
         path = os.path.join(tempfile.gettempdir(), "deepeyes_bench.png")
         if not os.path.exists(path):
             img.save(path)
-        pre = f"from PIL import Image; import matplotlib; matplotlib.use('Agg'); image_1 = Image.open('{path}'); "
-        code = code.replace(".show()", ".save('/dev/null', 'PNG', compress_level=1)")
+        pre = (f"from PIL import Image; import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt; "
+               f"image_1 = Image.open('{path}'); ")
+        code = code.replace("plt.show()", "plt.savefig('/dev/null', format='png', bbox_inches='tight')")
         subprocess.run([sys.executable, "-c", pre + code],
                        check=True, stdout=subprocess.DEVNULL)
 
@@ -340,7 +375,8 @@ def measure_step(step, opt, device, tokens):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["sandbox", "rollout", "sft", "grpo"], help="what to measure")
+    ap.add_argument("what", choices=["sandbox", "rollout", "profile", "sft", "grpo"], help="what to measure (profile: "
+                    "torch.profiler over one rollout, a table and a Chrome trace)")
     ap.add_argument("--preset", default=None, choices=["test", "mini", "7b"], help="model: tiny presets or the "
                     "real 7B architecture with random weights (GPU); default mini (rollout), 7b (sft, grpo)")
     ap.add_argument("--n", type=int, nargs="+", default=None, help="rollout: trajectories in the batch, one or more "
@@ -353,6 +389,7 @@ def main():
     ap.add_argument("--tokens", default=None, help="sft / grpo: sample or trajectory lengths, comma separated "
                     "(default 4096,20480 for sft, 4096,16384 for grpo)")
     ap.add_argument("--micro-batch", type=int, default=1, help="grpo: trajectories per forward")
+    ap.add_argument("--trace", default="rollout_trace.json", help="profile: where the Chrome trace goes")
     args = ap.parse_args()
     if args.what == "sandbox":
         return bench_sandbox()
@@ -361,6 +398,9 @@ def main():
         big = preset == "7b"
         return bench_rollout(preset, args.n or ([64, 256] if big else [16]), args.turns, args.turn_tokens,
                              skip_generate=args.skip_generate, group=args.group or (16 if big else 4))
+    if args.what == "profile":
+        return profile_rollout(args.preset or "mini", (args.n or [64 if args.preset == "7b" else 16])[0], args.turns,
+                               args.turn_tokens, args.trace)
     lengths = [int(x) for x in (args.tokens or ("4096,20480" if args.what == "sft" else "4096,16384")).split(",")]
     if args.what == "sft":
         return bench_sft(args.preset or "7b", lengths)

@@ -32,7 +32,7 @@ HF = "https://huggingface.co/datasets/"
 @dataclass
 class Bench:
     loader: str                 # tsv (VLMEvalKit) | realx | search | mathvision (MATH-V jsonl) | toy
-    scorer: str                 # mcq | relaxed | ocr | math | vqa (aliases, then the judge)
+    scorer: str                 # the fork's (support/fork.py), or ocr, or math / vqa: rules, then the judge
     prompt: str                 # the paper's prompt set for it
     file: str                   # its file under $DEEPEYES_DATA (or in this repository: data/...)
     source: str                 # where it is published
@@ -40,12 +40,20 @@ class Bench:
     md5: str = ""               # VLMEvalKit's checksum of that file ("" = none known)
     paper: tuple = (None, None)   # the paper's DeepEyesV2 and Qwen2.5-VL-7B numbers (None: not reported)
     hub: str = ""               # a hub dataset holding the file (RealX)
+    ask: str = "plain"          # how the authors' fork words a row's question (`fork_question`)
+
+
+# How the authors' fork words each VLMEvalKit set's questions: its dataset class's build_prompt (ImageMCQDataset:
+# mcq; WeMath, TreeBench, MMERealWorld, Dynamath their own; ImageVQADataset: vqa). The rest ask the question as is.
+ASK = {"VStarBench": "mcq", "HRBench4K": "mcq", "HRBench8K": "mcq", "SEEDBench2_Plus": "mcq", "WeMath": "wemath",
+       "TreeBench": "tree", "MME-RealWorld": "mme", "MME-RealWorld-Lite": "mme", "ChartQA_TEST": "vqa",
+       "DynaMath": "dynamath"}
 
 
 def vlmevalkit(name, scorer, paper=(None, None), url=None, md5=""):
     """A VLMEvalKit benchmark: one TSV, the code prompt; url None = VLMEvalKit's usual address."""
     return Bench("tsv", scorer, "code", f"{name}.tsv", f"VLMEvalKit's {name}.tsv (its dataset code lists the URL)",
-                 VLMEVAL + f"{name}.tsv" if url is None else url, md5, paper)
+                 VLMEVAL + f"{name}.tsv" if url is None else url, md5, paper, ask=ASK.get(name, "plain"))
 
 
 def search_set(name, source, paper):
@@ -53,29 +61,30 @@ def search_set(name, source, paper):
 
 
 BENCHES = {
-    "VStarBench": vlmevalkit("VStarBench", "mcq", (81.8, 78.5),
-                             HF + "xjtupanda/VStar_Bench/resolve/main/VStarBench.tsv"),
+    "VStarBench": vlmevalkit("VStarBench", "mcq", (81.8, 78.5), md5="b18854d7075574be06b631cd5f7d2d6a",
+                             url=HF + "xjtupanda/VStar_Bench/resolve/main/VStarBench.tsv"),
     "HRBench4K": vlmevalkit("HRBench4K", "mcq", (77.9, 71.6), HF + "DreamMr/HR-Bench/resolve/main/hr_bench_4k.tsv",
                             "f6b041b03d49543494b8a56d2e35be65"),
     "HRBench8K": vlmevalkit("HRBench8K", "mcq", (73.8, 67.9), HF + "DreamMr/HR-Bench/resolve/main/hr_bench_8k.tsv",
                             "274c9c7f89329b804a4723178a00219c"),
     # VLMEvalKit builds MME-RealWorld.tsv from the JSON of hub dataset yifanzhang114/MME-RealWorld-Base64: no one URL
-    "MME-RealWorld": vlmevalkit("MME-RealWorld", "mcq", (64.9, 57.3), "", "271c33ec814c39533c467ec6fb8a6f36"),
-    "MME-RealWorld-Lite": vlmevalkit("MME-RealWorld-Lite", "mcq", url=HF + "yifanzhang114/MME-RealWorld-Base64/resolve/"
-                                     "main/mme_realworld_lite.tsv", md5="4c17057d7d3b6c4a0d4397c3dae0881c"),
-    "TreeBench": vlmevalkit("TreeBench", "mcq", url=HF + "HaochenWang/TreeBench/resolve/main/TreeBench.tsv"),
-    "SEEDBench2_Plus": vlmevalkit("SEEDBench2_Plus", "mcq"),
+    "MME-RealWorld": vlmevalkit("MME-RealWorld", "letter", (64.9, 57.3), "", "271c33ec814c39533c467ec6fb8a6f36"),
+    "MME-RealWorld-Lite": vlmevalkit("MME-RealWorld-Lite", "letter", md5="4c17057d7d3b6c4a0d4397c3dae0881c",
+                                     url=HF + "yifanzhang114/MME-RealWorld-Base64/resolve/main/mme_realworld_lite.tsv"),
+    "TreeBench": vlmevalkit("TreeBench", "letter", url=HF + "HaochenWang/TreeBench/resolve/main/TreeBench.tsv"),
+    "SEEDBench2_Plus": vlmevalkit("SEEDBench2_Plus", "mcq", url="https://opencompass.openxlab.space/utils/benchmarks/"
+                                  "SEEDBench/SEEDBench2_Plus.tsv", md5="e32d3216dc4f452b0fe497a52015d1fd"),
     "OCRBench": vlmevalkit("OCRBench", "ocr", (882, 864), md5="e953d98a987cc6e26ef717b61260b778"),
-    "CharXiv_descriptive_val": vlmevalkit("CharXiv_descriptive_val", "vqa", md5="8507c3740f8ddaedcb6b5c1cfcb3fa06"),
-    "CharXiv_reasoning_val": vlmevalkit("CharXiv_reasoning_val", "vqa", md5="6fc1a522ad32c2e3d72a89857b8cf10b"),
+    "CharXiv_descriptive_val": vlmevalkit("CharXiv_descriptive_val", "charxiv", md5="e165037032f169a59dd09ea5d7ad3073"),
+    "CharXiv_reasoning_val": vlmevalkit("CharXiv_reasoning_val", "charxiv", md5="98eeff269b40726982627b19338ccd45"),
     "ChartQA_TEST": vlmevalkit("ChartQA_TEST", "relaxed", (88.4, 86.2), md5="c902e0aa9be5582a7aad6dcf52734b42"),
-    "MathVista_MINI": vlmevalkit("MathVista_MINI", "math", (71.9, 68.3), md5="f199b98e178e5a2a20e7048f5dcb0464"),
-    "MathVision": vlmevalkit("MathVision", "math", (28.9, 25.6), md5="93f6de14f7916e598aa1b7165589831e"),
-    "MathVerse_MINI": vlmevalkit("MathVerse_MINI", "math", (52.7, 45.6), "http://opencompass.openxlab.space/utils/"
+    "MathVista_MINI": vlmevalkit("MathVista_MINI", "mathvista", (71.9, 68.3), md5="f199b98e178e5a2a20e7048f5dcb0464"),
+    "MathVision": vlmevalkit("MathVision", "mathvision", (28.9, 25.6), md5="93f6de14f7916e598aa1b7165589831e"),
+    "MathVerse_MINI": vlmevalkit("MathVerse_MINI", "mathverse", (52.7, 45.6), "http://opencompass.openxlab.space/utils/"
                                  "benchmarks/MathVerse/MathVerse_MINIV.tsv", "5017caca32b7fa110c350a1bea861b65"),
-    "WeMath": vlmevalkit("WeMath", "mcq", md5="b5e969a075f01290a542411fb7766388"),   # reported: Score (Strict)
-    "DynaMath": vlmevalkit("DynaMath", "math", md5="b8425ad9a7114571fc9366e013699494"),
-    "LogicVista": vlmevalkit("LogicVista", "math", md5="41c5d33adf33765c399e0e6ae588c061"),
+    "WeMath": vlmevalkit("WeMath", "wemath", md5="b5e969a075f01290a542411fb7766388"),   # reported: Score (Strict)
+    "DynaMath": vlmevalkit("DynaMath", "dynamath", md5="b8425ad9a7114571fc9366e013699494"),
+    "LogicVista": vlmevalkit("LogicVista", "logicvista", md5="41c5d33adf33765c399e0e6ae588c061"),
     "RealX": Bench("realx", "vqa", "agent", "RealXBench.parquet", "hub dataset glowol/RealXBench (parquet)",
                    paper=(28.3, 22.3), hub="glowol/RealXBench"),
     "FVQA-test": search_set("FVQA-test", "MMSearch-R1's release (FVQA test split, parquet or JSONL)", 60.6),
@@ -105,6 +114,8 @@ class Item:
     image_paths: list = field(default_factory=list)   # how the record names the images
     scorer: str = "vqa"
     problem: list = None     # WeMath: [its composite problem's ID, which part] ("2steps_1" .. "3steps_multi")
+    asked: str = ""          # the row's own question, as the fork's judge prompts quote it
+    row: dict = field(default_factory=dict)   # the row's other fields (its image aside): the fork's scorers read them
 
 
 def mcq_question(question, options, hint=None):
@@ -147,25 +158,58 @@ def gold_answers(value):
 
 
 def tsv_item(r, n, root, path, bench):
-    """A VLMEvalKit TSV row: index, image (base64, or a list), question, A.. options, answer, category, hint.
-    MME-RealWorld lists its options as "(A) text" in one column and asks in its own words (VLMEvalKit's
-    MMERealWorld.build_prompt); WeMath rows name their composite problem (ID) and part (key)."""
-    if r.get("multi-choice options"):
-        options = [o[4:] for o in listed(r["multi-choice options"])]
-        r = dict(r, question=f"{r['question']} The choices are listed below:\n"
-                 + "\n".join(listed(r["multi-choice options"])) + "\n" + MME_CHOICES)
-    else:
-        options = [r[c] for c in LETTERS if r.get(c) not in (None, "", "nan")]
+    """A VLMEvalKit TSV row: index, image (base64, or a list), question, A.. options, answer, category, hint; the
+    question worded as the authors' fork words it (`fork_question`). MME-RealWorld-Lite's file lists its options as
+    one Python list of "(A) text" (the fork reads it so); WeMath rows name their composite problem (ID) and part."""
+    options = [r[c] for c in LETTERS if r.get(c) not in (None, "", "nan")]
+    choices = r.get("multi-choice options")
+    if bench.ask == "mme" and str(choices).lstrip().startswith("["):
+        options = [o[4:] for o in listed(choices)]
+        choices = "The choices are listed below:\n" + "\n".join(listed(choices))
     answers = gold_answers(r["answer"])
     if options and answers[0] in options and not re.fullmatch(r"[A-H]", answers[0]):
         answers = [LETTERS[options.index(answers[0])]]   # the gold given as the option's text
     images = [base64.b64decode(b, validate=True) for b in listed(r["image"])]
     hint = r.get("hint") if r.get("hint") not in (None, "", "nan") else None
-    question = r["question"] if r.get("multi-choice options") else mcq_question(r["question"], options, hint)
-    return Item(item_id(r["index"]), question, answers, images,
+    return Item(item_id(r["index"]), fork_question(r, bench.ask, options, hint, choices), answers, images,
                 [r.get("category") or "all"], options, 0.05 if bench.scorer == "relaxed" else 1e-4,
                 image_paths=[f"{os.path.basename(path)}#{r['index']}"] * len(images), scorer=bench.scorer,
-                problem=[r["ID"], r["key"]] if r.get("key") and r.get("ID") else None)
+                problem=[r["ID"], r["key"]] if r.get("key") and r.get("ID") else None, asked=r["question"],
+                row={k: v for k, v in r.items() if k != "image"})
+
+
+DYNAMATH_GUIDE = ("\n## Answer Instruction Please provide an answer to the question outlined above. Your response "
+                  "should adhere to the following JSON format, which includes two keys: 'solution' and 'short answer'. "
+                  "The 'solution' key can contain detailed steps needed to solve the question, and the 'short answer' "
+                  "key should provide a concise response. {}\n\nExample of expected JSON response format:\n\n{{\n"
+                  '    "solution": "[Detailed step-by-step explanation]",\n    "short answer": "[Concise Answer]"\n}}')
+DYNAMATH_INST = {"multiple choice": "Provide the corresponing choice option in the 'short answer' key, such as 'A', "
+                                    "'B', 'C', or 'D'.",   # (sic)
+                 "float": "Format the answer as a three-digit floating-point number and provide it in the 'short "
+                          "answer' key."}
+
+
+def fork_question(r, ask, options, hint, choices):
+    """The text the authors' fork sends with a row's images (evaluation/VLMEvalKit/vlmeval/dataset: ImageMCQDataset,
+    WeMath, TreeBench, MMERealWorld, ImageVQADataset, Dynamath .build_prompt; every other set: the question)."""
+    q = r["question"]
+    if ask == "mme":
+        return f"{q} {choices}\n{MME_CHOICES}"
+    if ask == "vqa":
+        return q + "\nAnswer the question using a single word or phrase."
+    if ask == "dynamath":
+        return f"## Question\n {q}" + DYNAMATH_GUIDE.format(DYNAMATH_INST.get(r.get("answer_type"), "Float numbers "
+                                                          "in the answer should be formatted as three-digit "
+                                                          "floating-point numbers."))
+    if ask == "plain":
+        return q
+    head = (f"Hint: {hint}\n" if hint else "") + f"Question: {q}\n"
+    if ask == "tree":
+        return head + ("" if r.get("category") == "Perception/OCR" else f"\nOptions:\n{choices}"
+                       "Answer with the correct option's letter directly. \n")
+    listing = "Options:\n" + "".join(f"{LETTERS[i]}. {o}\n" for i, o in enumerate(options)) if options else ""
+    return head + listing + ("Please select the correct answer from the options above. \n"
+                             if options and ask == "mcq" else "")
 
 
 def realx_item(r, n, root, path, bench):

@@ -106,7 +106,8 @@ def write_html(run_dir, rows, summary, proto, data_root=None):
 
 def plot(metrics_path, out=None):
     """The run's curves, one panel each: reward, accuracy, tool calls per sample, response length and entropy per
-    rollout batch (the paper's Fig. 8 shows the first three) -> a PNG beside the metrics (or `out`)."""
+    rollout batch (the paper's Fig. 8 shows the first three), and the validation accuracy where the run had
+    --val-data -> a PNG beside the metrics (or `out`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,9 +118,13 @@ def plot(metrics_path, out=None):
               "tool calls / sample": [r["code_calls"] + r["search_calls"] + r["image_search_calls"] for r in rows],
               "response tokens": [r["response_tokens"] for r in rows],
               "entropy": [r.get("entropy", float("nan")) for r in rows]}
+    curves = {name: ([r["step"] for r in rows], ys) for name, ys in curves.items()}
+    val = [r for r in rows if "val_acc" in r]
+    if val:
+        curves["validation accuracy"] = ([r["step"] for r in val], [r["val_acc"] for r in val])
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.6))
-    for ax, (name, ys) in zip(axes, curves.items()):
-        ax.plot([r["step"] for r in rows], ys, marker=".")
+    for ax, (name, (xs, ys)) in zip(axes, curves.items()):
+        ax.plot(xs, ys, marker=".")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("rollout batch", fontsize=8)
         ax.tick_params(labelsize=8)

@@ -30,10 +30,34 @@ from PIL import Image
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: sessions import from it
 MAX_MESSAGE = 64 << 20       # the largest reply the host accepts from a session
 MAX_IMAGES_PER_CALL = 10
-# What the original's sandbox offered the model's code besides numpy, PIL and matplotlib (its requirements.txt:
-# opencv, scipy, pandas, sympy, scikit-learn): released trajectories import them, and an ImportError would turn a
-# good trajectory into a failed one. Preloaded in the zygote: a session forks with them already imported.
-PRELOAD = ["numpy", "cv2", "scipy.ndimage", "scipy.signal", "pandas", "sympy", "sklearn.cluster"]
+# What the original's sandbox offered the model's code besides numpy, PIL and matplotlib (ChenShawn/MultiModal-
+# Jupyter-Sandbox, requirements.txt: opencv, scipy, pandas, sympy, scikit-learn, seaborn): released trajectories
+# import them, and an ImportError would turn a good trajectory into a failed one. Preloaded in the zygote: a session
+# forks with them already imported. Its pytesseract and easyocr are importable here when installed (README).
+PRELOAD = ["numpy", "cv2", "scipy.ndimage", "scipy.signal", "pandas", "sympy", "sklearn.cluster", "seaborn"]
+
+
+class SandboxError(RuntimeError):
+    """Infrastructure failure (the sandbox could not start or answer): counted, never scored."""
+
+
+WARNED = []
+
+
+def check_protections(got):
+    """Raise SandboxError if a session could not isolate itself, unless DEEPEYES_UNSAFE_SANDBOX=1: then say loudly
+    (once) what is missing."""
+    missing = [k for k in ("namespaces", "read-only fs", "/proc hidden", "no capabilities", "seccomp",
+                           "unprivileged") if not got.get(k)]
+    if not missing:
+        return
+    if os.environ.get("DEEPEYES_UNSAFE_SANDBOX") != "1":
+        raise SandboxError(f"sandbox cannot isolate code here (missing: {', '.join(missing)}); enable unprivileged "
+                           "user namespaces or run as root, or set DEEPEYES_UNSAFE_SANDBOX=1 to run model code "
+                           "WITHOUT these protections")
+    if not WARNED:
+        WARNED.append(True)
+        print(f"WARNING: sandbox running WITHOUT: {', '.join(missing)} (DEEPEYES_UNSAFE_SANDBOX=1)", file=sys.stderr)
 
 
 # ---- the wire: length-prefixed JSON, then the images' raw pixels

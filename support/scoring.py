@@ -153,6 +153,17 @@ class LLMJudge:
             raise JudgeError(f"judge reply has no \\boxed verdict: {reply[-200:]!r}")
         return float("Yes" in verdict.split("boxed{")[-1].split("}")[0])
 
+    def verify(self, question, gold, pred):
+        """The authors' VLMEvalKit fork's judge for ChartQA (utils/judge_utils.py): the same Chinese prompt, with the
+        question, reference and answer appended, as one user message at temperature 0; "yes" (any case) in the
+        verdict. (The fork passed the reference and the answer the other way round: here as it meant.)"""
+        reply = self.chat([{"role": "user", "content": self.SYSTEM + f"【用户问题】:{question}\n【参考答案】：{gold}\n"
+                                                                     f"【模型回答】：{pred}"}], 0.0)
+        verdict = reply.split("<最终结果>")[-1].split("<\\最终结果>")[0]
+        if "boxed" not in verdict:
+            raise JudgeError(f"judge reply has no \\boxed verdict: {reply[-200:]!r}")
+        return float("yes" in verdict.split("boxed")[-1].split("}")[0].lower())
+
     def math(self, question, gold, pred):
         if not pred:
             return 0.0
@@ -163,9 +174,9 @@ class LLMJudge:
             raise JudgeError(f"judge reply has no TRUE / FALSE verdict: {reply[-200:]!r}")
         return float("true" in verdict)
 
-    def chat(self, messages, temperature, max_tokens=None):
+    def chat(self, messages, temperature, max_tokens=None, **sampling):
         body = dict(model=self.model, messages=messages, temperature=temperature,
-                    **({"max_tokens": max_tokens} if max_tokens else {}))
+                    **({"max_tokens": max_tokens} if max_tokens else {}), **sampling)
         return tools.post_json(self.url + "/chat/completions", body, lambda reply: str(
             reply["choices"][0]["message"]["content"]).strip(), JudgeError,
             {"Authorization": f"Bearer {self.api_key}"}, self.retries, self.timeout)

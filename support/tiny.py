@@ -112,8 +112,11 @@ def project_text():
     code and docs gave the tests another model at every edit (and a tolerance that held for one
     model could fail for the next)."""
     data = os.path.join(HERE, "data")
-    paths = [os.path.join(data, "prompts", n) for n in sorted(os.listdir(os.path.join(data, "prompts")))
-             if n.endswith((".txt", ".md"))]
+    # the original's system, user and judge prompts by name: files added later (SOURCE.md, the eval
+    # judges' prompts) would change the tokenizer, and so the tests' model
+    names = ["agent_system_prompt.txt", "agent_user_prompt.txt", "code_system_prompt.txt", "code_user_prompt.txt",
+             "direct_system_prompt.txt", "judge_system_prompt.md", "judge_user_prompt.txt", "math_judge_prompt.txt"]
+    paths = [os.path.join(data, "prompts", n) for n in names]
     paths += [os.path.join(data, "corpus.jsonl"), os.path.join(data, "mathvision_testmini", "testmini.jsonl")]
     texts = []
     for path in paths:
