@@ -146,6 +146,7 @@ def record(item, traj, correct, tok, out):
                 answers=item.answers, correct=correct, groups=item.groups, turns=traj.turns,
                 calls=dict(traj.calls), finish=traj.finish, images=images, trajectory=text,
                 infra_error=traj.infra_errors > 0 or correct is None,
+                as_the_fork_did=fork.as_the_fork_did(prediction(traj), item),
                 **({"problem": item.problem} if item.problem else {}))
 
 
@@ -170,7 +171,10 @@ def summarize(rows, label, show=True):
                    groups={g: group(v) for g, v in sorted(groups.items())},
                    tool_rate={k: 100 * v / max(1, len(scored)) for k, v in sorted(calls.items())},
                    tool_calls_per_item=calls_per_item(scored),
-                   mean_turns=sum(r["turns"] for r in scored) / max(1, len(scored)))
+                   mean_turns=sum(r["turns"] for r in scored) / max(1, len(scored)),
+                   # the fork's bugs at work: items its own code scored otherwise (support/fork.py)
+                   fork_bugs=sum(r.get("as_the_fork_did") not in (None, r["correct"])
+                                 for r in scored))
     if any("problem" in r for r in rows):   # WeMath: the paper quotes its strict score
         summary["metric"] = ("Score (Strict)", wemath_strict(rows))
     if show:
@@ -185,6 +189,9 @@ def summarize(rows, label, show=True):
         rates = ", ".join(f"{k} {v:.0f}%" for k, v in summary["tool_rate"].items()) or "none"
         print(f"  tool-call rate: {rates}; calls/item {summary['tool_calls_per_item']:.2f}; "
               f"mean turns {summary['mean_turns']:.2f}")
+        if summary["fork_bugs"]:
+            print(f"  the authors' fork scored {summary['fork_bugs']} of them otherwise (its bugs: "
+                  "README)")
     return summary
 
 

@@ -1790,7 +1790,7 @@ def test_eval_observation_is_the_forks_chat_message(tiny):
     ("I choose (B): the cup is blue.", "B"),
     ("Answer: C", "C"),         # the fork: A (the first capital A-E, in "Answer")
     ("Best answer: E", "E"),    # the fork: B (a missing comma kept the phrase, then "Best")
-    ("the cup", ""),            # the fork: C (upper-cased, "CUP")
+    ("Blue", ""),               # the fork: B (its first capital A-E)
     ("", ""),                   # the fork: A (the empty string is in "(a)")
 ])
 def test_mme_realworld_and_treebench_read_the_option_letter_as_the_fork_meant(answer, letter):
@@ -1967,6 +1967,22 @@ def test_mathvision_compares_as_the_fork_meant_then_its_judge_extracts(fake_judg
     assert E.score("a half, so the answer is one over two", half, SC.LLMJudge(url, "judge")) == 1.0
     assert seen[-1]["messages"][0]["content"] == FORK.MATHVISION_PROMPT + "q\nModel respone: a half, so the answer " \
         "is one over two" + "Extracted answer:"
+
+
+def test_the_forks_bugs_are_counted_on_a_runs_predictions(capsys):
+    mme = BM.Item("1", "q", ["C"], [], scorer="letter")
+    assert FORK.as_the_fork_did("Answer: C", mme) == 0.0 and E.score("Answer: C", mme) == 1.0      # it read A
+    assert FORK.as_the_fork_did("", BM.Item("1", "q", ["A"], [], scorer="letter")) == 1.0          # "" read as A
+    chart = BM.Item("2", "q", ["100"], [], scorer="relaxed")
+    assert FORK.as_the_fork_did("95", chart) == 0.0 and E.score("95", chart) == 1.0                # 5% of 95
+    assert FORK.as_the_fork_did("blue", chart) is None                                             # its judge's call
+    vista = BM.Item("3", "q", ["Ada"], [], scorer="mathvista", row=dict(answer="Ada", answer_type="text"))
+    assert FORK.as_the_fork_did("Ada", vista) == 0.0 and E.score("Ada", vista) == 1.0
+    assert FORK.as_the_fork_did("x", BM.Item("4", "q", ["x"], [])) is None                          # same code as ours
+    row = lambda correct, fork: dict(correct=correct, as_the_fork_did=fork, groups=[], calls={}, turns=1,
+                                     infra_error=False)
+    summary = E.summarize([row(1.0, 0.0), row(0.0, None), row(1.0, 1.0), row(0.0, 1.0)], "MME-RealWorld")
+    assert summary["fork_bugs"] == 2 and "the authors' fork scored 2 of them otherwise" in capsys.readouterr().out
 
 
 def mean_abs_diff(a, b):

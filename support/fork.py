@@ -92,10 +92,10 @@ PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The
 
 def option_letter(answer):
     """The option letter (A-E) of an MME-RealWorld or TreeBench answer, or "" for none, as the fork's scorer meant it
-    (utils/multiple_choice.py, extract_characters_regex, after it upper-cased the answer): its answer phrases removed,
-    then the first capital A-E standing alone. The fork took the first capital A-E anywhere in the upper-cased
-    answer, so "Answer: C" read as A, "the cup" as C and "blue" as B; a missing comma in its phrase list kept
-    "Best answer: E" (read as B); and an empty answer read as A. A lone lower-case letter ("c") counts, as it did."""
+    (utils/multiple_choice.py, extract_characters_regex): its answer phrases removed, then the first capital A-E
+    standing alone. The fork took the first capital A-E anywhere, so "Answer: C" read as A and "Blue" as B; a
+    missing comma in its phrase list kept "Best answer: E" (read as B); an empty answer read as A (the empty string
+    is inside "(a)"). A lone lower-case letter ("c") counts, as it did."""
     s = answer.strip()
     if re.fullmatch(r"\(?[A-Ea-e]\)?\.?", s):
         return s.strip("().").upper()
@@ -404,3 +404,29 @@ def score(pred, item, judge):
         return max(judge.verify(item.asked or item.question, gold, pred)
                    for gold, verdict in verdicts.items() if verdict is None)
     return choice(pred, item, judge)
+
+
+def as_the_fork_did(pred, item):
+    """The verdict the fork's own code gave, bugs included, where it needed no judge; else None. eval counts the items
+    where it differs from ours (the bugs' effect on a run's number): MME-RealWorld's and TreeBench's letter (the
+    first capital A-E of the answer as written, "" read as A), ChartQA's relaxed check with answer and reference
+    swapped, MathVista's text and list answers (compared with "None")."""
+    pred = str(pred or "")
+    if item.scorer == "letter":   # extract_characters_regex; its phrase list lacked two commas
+        s = pred.strip()
+        for prefix in ("The best answer is", "The correct answer is", "The answer is", "The answer",
+                       "The best option isThe correct option is", "Best answer:Best option:"):
+            s = s.replace(prefix, "")
+        if len(s.split()) > 10 and not re.search("[ABCDE]", s):
+            return 0.0
+        found = re.search("[ABCDE]", s)
+        letter = found[0] if found else next((c[1] for c in ("(A)", "(B)", "(C)", "(D)", "(E)")
+                                              if s.lower() in c.lower()), "")
+        return float(letter == item.answers[0])
+    if item.scorer == "relaxed":   # relaxed_correctness_judge(target=the answer, prediction=the reference)
+        verdicts = [relaxed(gold, pred.strip()) for gold in item.answers]
+        return None if None in verdicts and not any(verdicts) else float(any(verdicts))
+    if item.scorer == "mathvista" and item.row.get("question_type") != "multi_choice" and \
+            item.row.get("answer_type") not in ("integer", "float"):
+        return 0.0
+    return None
