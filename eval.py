@@ -109,7 +109,7 @@ def score(pred, item, judge=None):
     if judge is None:
         return 0.0
     try:
-        if item.options or item.scorer == "mcq":   # VLMEvalKit's "extract the choice" step
+        if item.options:   # VLMEvalKit's "extract the choice" step
             return float(judged_choice(judge, item, pred) == item.answers[0])
         math = item.scorer == "math" or item.data_source == "reason"
         ask = judge.math if math else judge.perception

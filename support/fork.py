@@ -9,10 +9,10 @@ sets through the one agent loop (rollout.py) with the fork's three ways plugged 
     runs, inside its first ```python fence if it has one);
   - `observe`: a code result as the fork's loop sent it back: a user message "Code execution result: ... Images:\n"
     with the code's images that are not white (BILINEAR smart resize, JPEG), and no "<think>" pre-filled after it;
-  - `option_letter`: the answer's option letter as MME-RealWorld's and TreeBench's scoring meant to read it (their
-    only scorer: no judge); `relaxed`: ChartQA's relaxed accuracy as the fork meant it (then its judge); `choice`:
-    the multiple-choice sets' option, as VLMEvalKit's can_infer, then the fork's judge prompts; `mathvista`: MathVista
-    checked as it is, else after the judge extracts its answer.
+  - `score`: each VLMEvalKit set scored as the fork meant it (`SCORING`, one function a scorer: `choice` for multiple
+    choice, `letter`, `chartqa`, `mathvista`, `mathverse`, `mathvision`, `dynamath`, `logicvista`, `charxiv`), its
+    judge prompts as it wrote them; where its code was plainly wrong, what it meant (each bug named in the README);
+  - `as_the_fork_did`: the verdict its buggy code gave where no judge was needed, so eval can count the difference.
 RL keeps the original's RL environment (tools.parse_action, rollout.OBS_SUFFIX): the two differ, as they did there.
 """
 import ast
@@ -176,12 +176,6 @@ def choice(pred, item, judge):
     if picked == "Z" and judge is not None:
         return judge.verify(item.asked or item.question, item.answers[0], pred)
     return float(picked == item.answers[0])
-
-
-def scores(bench):
-    """Whether eval scores this benchmark as the fork did (its VLMEvalKit sets; OCRBench by VLMEvalKit's rule, which
-    the fork kept)."""
-    return bench.loader == "tsv" and bench.scorer in SCORERS + ("ocr",)
 
 
 MATHVISTA_PROMPT = read_prompt("mathvista_extract_prompt.txt")
@@ -384,26 +378,35 @@ def mathvision(pred, item, judge):
     return float(same_answer(can_infer(extracted, options) if options else extracted, gold))
 
 
-# the scorers done as the fork did (OCRBench's was VLMEvalKit's already)
-SCORERS = ("mcq", "wemath", "letter", "relaxed", "mathvista", "mathverse", "mathvision", "dynamath", "logicvista",
-           "charxiv")
+def letter(pred, item, judge):
+    """MME-RealWorld and TreeBench: the option letter alone, no judge (the fork asked none)."""
+    return float(option_letter(pred) == item.answers[0])
+
+
+def chartqa(pred, item, judge):
+    """ChartQA: 5% of a number or equal text (`relaxed`), else the verify prompt for the references left open."""
+    verdicts = {gold: relaxed(pred, gold) for gold in item.answers}   # None: the judge's to say
+    if any(verdicts.values()) or judge is None or None not in verdicts.values():
+        return float(any(verdicts.values()))
+    return max(judge.verify(item.asked or item.question, gold, pred)
+               for gold, verdict in verdicts.items() if verdict is None)
+
+
+# each scorer done as the fork did, by the name support/benchmarks gives it (OCRBench's was VLMEvalKit's already)
+SCORING = dict(mcq=choice, wemath=choice, letter=letter, relaxed=chartqa, mathvista=mathvista, mathverse=mathverse,
+               mathvision=mathvision, dynamath=dynamath, logicvista=logicvista, charxiv=charxiv)
+SCORERS = tuple(SCORING)
+
+
+def scores(bench):
+    """Whether eval scores this benchmark as the fork did (its VLMEvalKit sets; OCRBench by VLMEvalKit's rule, which
+    the fork kept)."""
+    return bench.loader == "tsv" and bench.scorer in SCORERS + ("ocr",)
 
 
 def score(pred, item, judge):
     """-> 1.0 / 0.0 as the fork scored the item's benchmark (a JudgeError when the judge failed)."""
-    if item.scorer == "letter":   # MME-RealWorld, TreeBench: the letter alone, no judge
-        return float(option_letter(pred) == item.answers[0])
-    by_name = dict(mathvista=mathvista, mathverse=mathverse, mathvision=mathvision, dynamath=dynamath,
-                   logicvista=logicvista, charxiv=charxiv)
-    if item.scorer in by_name:
-        return by_name[item.scorer](pred, item, judge)
-    if item.scorer == "relaxed":   # ChartQA: 5% of a number, equal text, else the verify prompt
-        verdicts = {gold: relaxed(pred, gold) for gold in item.answers}   # None: the judge's to say
-        if any(verdicts.values()) or judge is None or None not in verdicts.values():
-            return float(any(verdicts.values()))
-        return max(judge.verify(item.asked or item.question, gold, pred)
-                   for gold, verdict in verdicts.items() if verdict is None)
-    return choice(pred, item, judge)
+    return SCORING[item.scorer](pred, item, judge)
 
 
 def as_the_fork_did(pred, item):
@@ -414,8 +417,7 @@ def as_the_fork_did(pred, item):
     pred = str(pred or "")
     if item.scorer == "letter":   # extract_characters_regex; its phrase list lacked two commas
         s = pred.strip()
-        for prefix in ("The best answer is", "The correct answer is", "The answer is", "The answer",
-                       "The best option isThe correct option is", "Best answer:Best option:"):
+        for prefix in PREFIXES[:4] + (PREFIXES[4] + PREFIXES[5], PREFIXES[6] + PREFIXES[7]):
             s = s.replace(prefix, "")
         if len(s.split()) > 10 and not re.search("[ABCDE]", s):
             return 0.0
