@@ -2151,6 +2151,9 @@ def test_grpo_plot_draws_the_runs_curves(tmp_path):
     assert png.endswith("metrics.png") and image.size[0] > 5 * image.size[1] > 0   # six panels: validation too
     low, high = image.convert("L").getextrema()
     assert high - low > 100                                                      # something was drawn
+    # the line over the faint batch points: each point's mean over the window ending there
+    assert RP.running_mean([0, 0, 0, 3, 3, 3], 3) == [0, 0, 0, 1, 2, 3]
+    assert RP.running_mean([4.0, 2.0]) == [4.0, 3.0]   # fewer points than the window: the mean so far
 
 
 def test_adamw_equals_torch_on_float32_and_keeps_small_bf16_updates():

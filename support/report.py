@@ -107,7 +107,8 @@ def write_html(run_dir, rows, summary, proto, data_root=None):
 def plot(metrics_path, out=None):
     """The run's curves, one panel each: reward, accuracy, tool calls per sample, response length and entropy per
     rollout batch (the paper's Fig. 8 shows the first three), and the validation accuracy where the run had
-    --val-data -> a PNG beside the metrics (or `out`)."""
+    --val-data -> a PNG beside the metrics (or `out`). Batches are faint points, their running mean the line; the
+    reward panel marks the mean of the first and of the last quarter of the batches (the rise, or none)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -124,8 +125,16 @@ def plot(metrics_path, out=None):
         curves["validation accuracy"] = ([r["step"] for r in val], [r["val_acc"] for r in val])
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.6))
     for ax, (name, (xs, ys)) in zip(axes, curves.items()):
-        ax.plot(xs, ys, marker=".")
-        ax.set_title(name, fontsize=10)
+        # each batch is another draw of prompts: the raw points are faint, their running mean is the line
+        ax.plot(xs, ys, ".", color="tab:blue", alpha=0.35)
+        ax.plot(xs, running_mean(ys), color="tab:blue", lw=2)
+        title = name
+        if name == "reward" and len(ys) >= 4:   # the rise, as the paper's Fig. 8 shows it
+            q = len(ys) // 4
+            first, last = sum(ys[:q]) / q, sum(ys[-q:]) / q
+            ax.hlines([first, last], [xs[0], xs[-q]], [xs[q - 1], xs[-1]], colors="tab:red", linestyles="--")
+            title = f"reward: first quarter {first:.2f}, last {last:.2f}"
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("rollout batch", fontsize=8)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
@@ -134,6 +143,12 @@ def plot(metrics_path, out=None):
     plt.close(fig)
     print(f"wrote {out}")
     return out
+
+
+def running_mean(ys, window=None):
+    """The mean of the last `window` points at each point (default: an eighth of the run, at least 3)."""
+    window = window or max(3, len(ys) // 8)
+    return [sum(ys[max(0, i + 1 - window):i + 1]) / len(ys[max(0, i + 1 - window):i + 1]) for i in range(len(ys))]
 
 
 def main():
