@@ -148,7 +148,8 @@ def plot(metrics_path, out=None):
 def running_mean(ys, window=None):
     """The mean of the last `window` points at each point (default: an eighth of the run, at least 3)."""
     window = window or max(3, len(ys) // 8)
-    return [sum(ys[max(0, i + 1 - window):i + 1]) / len(ys[max(0, i + 1 - window):i + 1]) for i in range(len(ys))]
+    spans = (ys[max(0, i + 1 - window):i + 1] for i in range(len(ys)))
+    return [sum(span) / len(span) for span in spans]
 
 
 def main():
