@@ -2317,6 +2317,16 @@ def test_miniature_pipeline_trained_model_beats_untrained_and_its_own_no_tool_ru
     assert res["GRPO from the base"]["tool_calls_per_item"] == 0.0   # the base never calls a tool: nothing to learn
 
 
+def test_quarters_gives_the_rl_curves_first_and_last_quarter_means(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    import world
+    rows = [dict(reward=0.1 * k, code_calls=1.0, search_calls=0.0, image_search_calls=k % 2) for k in range(8)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = world.quarters(str(tmp_path / "m.jsonl"))
+    assert c["batches"] == 8 and c["reward"] == (0.05, 0.65) and c["tool_calls"] == (1.5, 1.5)
+
+
 def test_code_error_share_counts_the_code_runs_that_wrote_to_stderr():
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))

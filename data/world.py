@@ -417,6 +417,7 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     evaluate("SFT+GRPO", os.path.join(runs, "grpo", "checkpoint"))
     E.report(os.path.join(runs, "eval", "SFT+GRPO"), data_root=out)   # every held-out trajectory, in a browser
     report.plot(os.path.join(runs, "grpo", "metrics.jsonl"))                 # the RL curves
+    results["SFT+GRPO"]["curve"] = quarters(os.path.join(runs, "grpo", "metrics.jsonl"))
     evaluate("SFT+GRPO, tools disabled", os.path.join(runs, "grpo", "checkpoint"), tools_on=False)
     if from_base:
         grpo(base, "grpo-from-base")
@@ -454,14 +455,27 @@ def print_tables(results):
           f"{sum(group(rl, c, 'accuracy') for c in needed) / len(needed):.1f}")
     print(f"finding 3, what GRPO adds: new wording {group(sft, 'new wording', 'accuracy'):.1f} -> "
           f"{group(rl, 'new wording', 'accuracy'):.1f}, overall {sft['accuracy']:.1f} -> {rl['accuracy']:.1f}")
+    if "curve" in rl:   # the rise the picture shows
+        c = rl["curve"]
+        print(f"the RL curve, first -> last quarter of its {c['batches']} batches: reward {c['reward'][0]:.3f} -> "
+              f"{c['reward'][1]:.3f}, tool calls/sample {c['tool_calls'][0]:.2f} -> {c['tool_calls'][1]:.2f}")
     print(json.dumps({name: dict(accuracy=round(r["accuracy"], 1),
                                  new_wording=round(group(r, "new wording", "accuracy"), 1),
                                  tool_calls_per_item=round(r["tool_calls_per_item"], 2),
-                                 code_errors=round(r["code_errors"], 1),
+                                 code_errors=round(r["code_errors"], 1), curve=r.get("curve"),
                                  by_category={c: dict(accuracy=round(group(r, c, "accuracy"), 1),
                                                       tool_calls=round(group(r, c, "tool_calls"), 2))
                                               for c in CATEGORIES})
                       for name, r in results.items()}))
+
+
+def quarters(metrics_path):
+    """The RL run's reward and tool calls per sample, the mean of its first and of its last quarter of batches."""
+    rows = [json.loads(line) for line in open(metrics_path)]
+    q = max(1, len(rows) // 4)
+    ends = lambda f: (round(sum(map(f, rows[:q])) / q, 3), round(sum(map(f, rows[-q:])) / q, 3))
+    return dict(batches=len(rows), reward=ends(lambda r: r["reward"]),
+                tool_calls=ends(lambda r: r["code_calls"] + r["search_calls"] + r["image_search_calls"]))
 
 
 def code_error_share(rows):
