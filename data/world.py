@@ -472,8 +472,7 @@ def print_tables(results):
 def quarters(metrics_path):
     """The RL run's reward and tool calls per sample, the mean of its first and of its last quarter of batches."""
     rows = [json.loads(line) for line in open(metrics_path)]
-    q = max(1, len(rows) // 4)
-    ends = lambda f: (round(sum(map(f, rows[:q])) / q, 3), round(sum(map(f, rows[-q:])) / q, 3))
+    ends = lambda f: tuple(round(m, 3) for m in report.quarter_means([f(r) for r in rows]))
     return dict(batches=len(rows), reward=ends(lambda r: r["reward"]),
                 tool_calls=ends(lambda r: r["code_calls"] + r["search_calls"] + r["image_search_calls"]))
 

@@ -130,8 +130,7 @@ def plot(metrics_path, out=None):
         ax.plot(xs, running_mean(ys), color="tab:blue", lw=2)
         title = name
         if name == "reward" and len(ys) >= 4:   # the rise, as the paper's Fig. 8 shows it
-            q = len(ys) // 4
-            first, last = sum(ys[:q]) / q, sum(ys[-q:]) / q
+            q, (first, last) = len(ys) // 4, quarter_means(ys)
             ax.hlines([first, last], [xs[0], xs[-q]], [xs[q - 1], xs[-1]], colors="tab:red", linestyles="--")
             title = f"reward: first quarter {first:.2f}, last {last:.2f}"
         ax.set_title(title, fontsize=9)
@@ -143,6 +142,12 @@ def plot(metrics_path, out=None):
     plt.close(fig)
     print(f"wrote {out}")
     return out
+
+
+def quarter_means(ys):
+    """The mean of the first and of the last quarter of the points (one point each if fewer than four)."""
+    q = max(1, len(ys) // 4)
+    return sum(ys[:q]) / q, sum(ys[-q:]) / q
 
 
 def running_mean(ys, window=None):
