@@ -262,6 +262,8 @@ def test_search_cache_serves_repeats_and_dead_backend_raises(search_url, tmp_pat
     ('<tool_call>{"name": "search", "arguments": {"query": "q"}}</tool_call>', "search", "q"),
     ("<tool_call>{bad</tool_call>", "error", "Error: Invalid tool call format: {bad. Error: Expecting property"),
     ('<tool_call>{"name": "search", "arguments": {}}</tool_call>', "error", "Error: 'query'"),
+    ('<tool_call>{"name": "search", "arguments": {"query": " "}}</tool_call>', "error",
+     "Error: the search query is empty."),   # the model's slip, never counted as a search outage
     ("<tool_call>[1]</tool_call>", "error", "Error: list indices must be integers"),
     ('<tool_call>{"name": "image_search"}</tool_call>', "image_search", ""),
     ('<tool_call>{"name": "image_search", "arguments": {}}</tool_call>', "error",

@@ -126,7 +126,10 @@ def parse_action(text, offered=("code", "search", "image_search")):
         if name == "image_search" and call.get("arguments") is not None:
             return Action("error", "Error: Invalid tool call parameters for image search: "
                                    f"{raw.strip()}.")
-        return Action(name, "" if name == "image_search" else str(call["arguments"]["query"]))
+        query = "" if name == "image_search" else str(call["arguments"]["query"])
+        if name == "search" and not query.strip():   # the model's slip, not a search outage
+            return Action("error", "Error: the search query is empty.")
+        return Action(name, query)
     # a list, a string, no "name", no "query": the exception's text, as the original's
     except (TypeError, KeyError, IndexError, AttributeError) as e:
         return Action("error", f"Error: {e}")
@@ -167,10 +170,8 @@ class Sandbox:
         """One cell -> stdout, stderr, images (PIL). Code that times out or dies (memory, CPU time)
         restarts the session and says so; a reply that breaks the channel's protocol (code in the
         session can write to it) restarts it too and raises SandboxError (counted, never scored)."""
-        # the in-session alarm fires first; this is the backstop
-        self.sock.settimeout(self.limits["timeout"] + 5)
-        # unguessable per call: a reply forged during one call cannot answer the next
-        nonce = os.urandom(8).hex()
+        self.sock.settimeout(self.limits["timeout"] + 5)   # a backstop to the in-session alarm
+        nonce = os.urandom(8).hex()   # unguessable: a reply forged in one call fails the next
         try:
             box.send(self.sock, {"code": code, "nonce": nonce})
             reply = box.recv(self.sock, from_session=True)
@@ -419,8 +420,7 @@ def notebook(sock, scratch, limits):
             continue
         out, err = box.Bounded(OUTPUT_LIMIT), box.Bounded(OUTPUT_LIMIT)
         shown.clear()
-        # figures a timed-out call left open would come back at every later show()
-        plt.close("all")
+        plt.close("all")   # figures a timed-out call left open would come back at each show()
         sys.stdout, sys.stderr = out, err
         try:
             tree = ast.parse(req["code"], "<string>")
