@@ -17,8 +17,8 @@ The local search corpus and image index (for `python -m support.search_server --
 with the items.
 
 Cold start and RL data differ, as in the paper (RL data is broader than the cold start): the expert's cold-start
-items ask each category in one wording (COLD_QUESTION), while half of the RL prompts and of the held-out items use
-another (NEW_QUESTION: "Count the red dots."). That is where GRPO has something to learn: after SFT the model meets
+items ask each category in one wording (COLD_QUESTION), while every other RL prompt and held-out item uses another
+(NEW_QUESTION: "Count the red dots."). That is where GRPO has something to learn: after SFT the model meets
 a new wording with the wrong tool (asked for "the hue of the tiny dot" it runs a text search), and only the reward
 tells it which tool a question needs (`--new-wording 0`: every question in the cold start's words).
 
@@ -152,15 +152,16 @@ def counting_picture(rng, n):
     return img
 
 
-def make_items(rng, split, n, entities, emblems, out, new_wording, wording_rng):
+def make_items(rng, split, n, entities, emblems, out, new_wording):
     """n items per category; images saved under out/images/. Each entity is used by at most one item.
-    new_wording: the share of items asked in NEW_QUESTION's words (drawn by wording_rng: the items stay the same)."""
+    new_wording: the share of items asked in NEW_QUESTION's words, spread evenly (every other item at 0.5): each
+    category gets the same number on every seed, so a seed's score does not depend on how many it drew."""
     items, pool = [], list(entities)
     rng.shuffle(pool)
     for cat in CATEGORIES:
         for i in range(n):
             item_id = f"{split}-{cat}-{i}"
-            new = wording_rng.random() < new_wording
+            new = int((i + 1) * new_wording) > int(i * new_wording)
             asked = NEW_QUESTION if new else COLD_QUESTION
             if cat == "recognition":
                 colour = rng.choice(sorted(PALETTE))
@@ -262,7 +263,7 @@ def expert_trajectory(item, root, url, image_dir):
 
 
 # ================================================================================================ the world
-def build(out=os.path.join(HERE, "world"), seed=0, n_sft=96, n_rl=24, n_heldout=25, new_wording=NEW_WORDING):
+def build(out=os.path.join(HERE, "world"), seed=0, n_sft=96, n_rl=12, n_heldout=25, new_wording=NEW_WORDING):
     """Write the world: items for SFT / RL / held-out, the corpus and image index, and the expert's SFT data.
     new_wording: the share of RL and held-out questions in NEW_QUESTION's words (the SFT items: none)."""
     rng = random.Random(seed)
@@ -289,8 +290,7 @@ def build(out=os.path.join(HERE, "world"), seed=0, n_sft=96, n_rl=24, n_heldout=
     cuts = {"sft": order[:2 * n_sft], "rl": order[2 * n_sft:2 * (n_sft + n_rl)],
             "heldout": order[2 * (n_sft + n_rl):2 * sum(per_split.values())]}
     splits = {s: make_items(rng, s, n, {k: entities[k] for k in cuts[s]}, emblems, out,
-                            0.0 if s == "sft" else new_wording, random.Random(f"{seed}-{s}-wording"))
-              for s, n in per_split.items()}
+                            0.0 if s == "sft" else new_wording) for s, n in per_split.items()}
     for s, items in splits.items():
         with open(os.path.join(out, f"{'sft_items' if s == 'sft' else s}.jsonl"), "w") as f:
             f.writelines(json.dumps(it) + "\n" for it in items)
@@ -361,8 +361,8 @@ def pretrain_recall(path, words, steps=500, seed=0):
 
 
 # ================================================================================================ the pipeline
-def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=3, rl_epochs=2,
-             n_sft=96, n_rl=24, n_heldout=25, new_wording=NEW_WORDING, from_base=True):
+def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=3, rl_epochs=4,
+             n_sft=96, n_rl=12, n_heldout=25, new_wording=NEW_WORDING, from_base=True):
     """World -> tiny model -> SFT -> GRPO -> eval on the held-out split; prints the tables, returns their rows.
     from_base: also GRPO straight from the base model with the same RL budget (the paper's case for a cold start)."""
     import time
@@ -398,9 +398,14 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
         results[name]["code_errors"] = code_error_share(rows)
         lap("evals")
 
+    # 10 prompts a batch, 2 a mini-batch (5 updates a batch, as the original makes 8). At the defaults (60 prompts, 4
+    # passes: 24 batches) each quarter of the RL curve is one pass over the same prompts in the same order (grpo.py
+    # shuffles once), so its first and last quarter compare the same questions (at 2 passes of 120 prompts they held
+    # different ones: a rise could be the category mix)
     def grpo(start, folder):
         G.train(G.parse_args(["--tiny", "--model", start, "--data", os.path.join(out, "rl.jsonl"),
                               "--out", os.path.join(runs, folder), "--search-url", url, *px,
+                              "--prompts", "10", "--mini-batch", "2",
                               "--prompt", os.path.join(out, "world_system_prompt.txt"), "--epochs", str(rl_epochs)]
                              + (["--steps", str(rl_steps)] if rl_steps else [])))
 
@@ -490,12 +495,12 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "world"), help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="world seed")
     ap.add_argument("--sft", type=int, default=96, help="SFT items per category")
-    ap.add_argument("--rl", type=int, default=24, help="RL prompts per category")
+    ap.add_argument("--rl", type=int, default=12, help="RL prompts per category")
     ap.add_argument("--heldout", type=int, default=25, help="held-out items per category")
     ap.add_argument("--pipeline", action="store_true", help="then train and evaluate the tiny model end to end")
     ap.add_argument("--runs", default="runs/mini", help="--pipeline: folder of its models and evaluations")
     ap.add_argument("--rl-steps", type=int, help="--pipeline: stop GRPO after this many rollout batches")
-    ap.add_argument("--rl-epochs", type=float, default=2, help="--pipeline: GRPO passes over the RL prompts")
+    ap.add_argument("--rl-epochs", type=float, default=4, help="--pipeline: GRPO passes over the RL prompts")
     ap.add_argument("--sft-epochs", type=float, default=3, help="--pipeline: SFT epochs")
     ap.add_argument("--from-base", action=argparse.BooleanOptionalAction, default=True, help="--pipeline: also "
                     "GRPO from the base model with no SFT, same RL budget, as a row (the paper's finding that the "
