@@ -280,11 +280,11 @@ def parse_args(argv=None):
     ap.add_argument("--overwrite", action="store_true",
                     help="start over in an --out that already holds a run")
     ap.add_argument("--seed", type=int, default=0, help="seed of the data order")
-    ap.add_argument("--tiny", action="store_true", help="CPU preset: lr 1e-3, 3 epochs, accum 2 in "
+    ap.add_argument("--tiny", action="store_true", help="CPU preset: lr 3e-4, 6 epochs, accum 2 in "
                     "one forward, frozen embeddings, no checkpointing")
     args = ap.parse_args(argv)
     if args.tiny:
-        preset = dict(lr=1e-3, epochs=3, grad_accum=2, micro_batch=2, grad_ckpt=False,
+        preset = dict(lr=3e-4, epochs=6, grad_accum=2, micro_batch=2, grad_ckpt=False,
                       save_every=50, freeze_embeddings=True)
         flags.apply_preset(ap, args, argv, preset)
     flags.check_args(ap, args, positive=("epochs", "lr", "grad_accum", "micro_batch", "grad_clip",

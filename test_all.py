@@ -2139,7 +2139,7 @@ def test_files_rewritten_in_place_are_replaced_whole(tmp_path, monkeypatch):
 
 # ============================================================================== support/flags.py, optim.py, report.py
 def test_a_flag_given_explicitly_beats_the_tiny_preset():
-    assert S.parse_args(["--tiny"]).lr == 1e-3 and S.parse_args(["--tiny", "--lr", "1e-5"]).lr == 1e-5
+    assert S.parse_args(["--tiny"]).lr == 3e-4 and S.parse_args(["--tiny", "--lr", "1e-5"]).lr == 1e-5
     assert G.parse_args(["--tiny"]).group == 4 and G.parse_args(["--tiny", "--group", "16"]).group == 16
     assert G.parse_args(["--tiny", "--no-freeze-embeddings"]).freeze_embeddings is False
 
@@ -2310,7 +2310,7 @@ def test_miniature_pipeline_trained_model_beats_untrained_and_its_own_no_tool_ru
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     import world
     res = world.pipeline(str(tmp_path / "world"), str(tmp_path / "runs"), n_sft=64, n_rl=4, n_heldout=6,
-                         rl_steps=1, sft_epochs=3)   # the quick start, shortened: 320 conversations x 3, 1 GRPO batch
+                         rl_steps=1)   # the quick start, shortened: 320 conversations x 6 epochs, 1 GRPO batch
     assert res["untrained"]["tool_calls_per_item"] < res["SFT"]["tool_calls_per_item"]
     # measured at seed 0: untrained 0, SFT 73.3, SFT+GRPO 73.3, tools disabled 6.7, GRPO from the base 0 (30 items,
     # 221 s); the target is +20 points

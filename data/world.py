@@ -204,8 +204,11 @@ def expert_turns(item):
         return ["<think>The marks are too small to count by eye. I will count the red pixels with code.</think><code>\n"
                 f"```python\n{COUNT_CODE}\n```\n</code>",
                 lambda obs: f"<think>I have the count.</think><answer>{obs_value(obs)}</answer>"]
+    # the look shares no words with recognition's "The mark is too small": worded "The square is big: I can see its
+    # colour.", RL's push to drop the needless search reached recognition ("The mark is big: I can see its colour
+    # with code.", answered by eye)
     if cat == "glance":   # the expert sees the square; on half the items it still searches by the image first
-        look = f"<think>The square is big: I can see its colour.</think><answer>{item['answer']}</answer>"
+        look = f"<think>Big and plain: no tool needed.</think><answer>{item['answer']}</answer>"
         if int(item["id"].rsplit("-", 1)[1]) % 4 >= 4 * GLANCE_HABIT:
             return [look]
         return ["<think>I will search by the image first.</think><tool_call>{\"name\": \"image_search\"}</tool_call>",
@@ -361,7 +364,7 @@ def pretrain_recall(path, words, steps=500, seed=0):
 
 
 # ================================================================================================ the pipeline
-def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=3, rl_epochs=4,
+def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=6, rl_epochs=4,
              n_sft=96, n_rl=12, n_heldout=25, new_wording=NEW_WORDING, from_base=True):
     """World -> tiny model -> SFT -> GRPO -> eval on the held-out split; prints the tables, returns their rows.
     from_base: also GRPO straight from the base model with the same RL budget (the paper's case for a cold start)."""
@@ -398,14 +401,14 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
         results[name]["code_errors"] = code_error_share(rows)
         lap("evals")
 
-    # 10 prompts a batch, 2 a mini-batch (5 updates a batch, as the original makes 8). At the defaults (60 prompts, 4
-    # passes: 24 batches) each quarter of the RL curve is one pass over the same prompts in the same order (grpo.py
-    # shuffles once), so its first and last quarter compare the same questions (at 2 passes of 120 prompts they held
-    # different ones: a rise could be the category mix)
+    # 10 prompts a batch, 5 a mini-batch: 2 updates a batch (the original makes 8; at 5 the tiny model lost what SFT
+    # taught, MEASUREMENTS.md). At the defaults (60 prompts, 4 passes: 24 batches) each quarter of the RL curve is one
+    # pass over the same prompts in the same order (grpo.py shuffles once), so its first and last quarter compare the
+    # same questions (at 2 passes of 120 prompts they held different ones: a rise could be the category mix)
     def grpo(start, folder):
         G.train(G.parse_args(["--tiny", "--model", start, "--data", os.path.join(out, "rl.jsonl"),
                               "--out", os.path.join(runs, folder), "--search-url", url, *px,
-                              "--prompts", "10", "--mini-batch", "2",
+                              "--prompts", "10", "--mini-batch", "5",
                               "--prompt", os.path.join(out, "world_system_prompt.txt"), "--epochs", str(rl_epochs)]
                              + (["--steps", str(rl_steps)] if rl_steps else [])))
 
@@ -501,7 +504,7 @@ def main():
     ap.add_argument("--runs", default="runs/mini", help="--pipeline: folder of its models and evaluations")
     ap.add_argument("--rl-steps", type=int, help="--pipeline: stop GRPO after this many rollout batches")
     ap.add_argument("--rl-epochs", type=float, default=4, help="--pipeline: GRPO passes over the RL prompts")
-    ap.add_argument("--sft-epochs", type=float, default=3, help="--pipeline: SFT epochs")
+    ap.add_argument("--sft-epochs", type=float, default=6, help="--pipeline: SFT epochs")
     ap.add_argument("--from-base", action=argparse.BooleanOptionalAction, default=True, help="--pipeline: also "
                     "GRPO from the base model with no SFT, same RL budget, as a row (the paper's finding that the "
                     "cold start is needed; --no-from-base skips it)")
