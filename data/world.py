@@ -364,7 +364,7 @@ def pretrain_recall(path, words, steps=500, seed=0):
 
 
 # ================================================================================================ the pipeline
-def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=6, rl_epochs=4,
+def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps=None, sft_epochs=None, rl_epochs=4,
              n_sft=96, n_rl=12, n_heldout=25, new_wording=NEW_WORDING, from_base=True):
     """World -> tiny model -> SFT -> GRPO -> eval on the held-out split; prints the tables, returns their rows.
     from_base: also GRPO straight from the base model with the same RL budget (the paper's case for a cold start)."""
@@ -416,7 +416,8 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
         __import__("shutil").rmtree(os.path.join(runs, sub), ignore_errors=True)
     evaluate("untrained", base)
     S.train(S.parse_args(["--tiny", "--model", base, "--data", os.path.join(out, "sft.jsonl"),
-                          "--out", os.path.join(runs, "sft"), *px, "--epochs", str(sft_epochs)]))
+                          "--out", os.path.join(runs, "sft"), *px]
+                         + (["--epochs", str(sft_epochs)] if sft_epochs else [])))   # None: the preset's
     lap("SFT")
     sft_model = os.path.join(runs, "sft", "checkpoint")
     evaluate("SFT", sft_model)
@@ -504,7 +505,7 @@ def main():
     ap.add_argument("--runs", default="runs/mini", help="--pipeline: folder of its models and evaluations")
     ap.add_argument("--rl-steps", type=int, help="--pipeline: stop GRPO after this many rollout batches")
     ap.add_argument("--rl-epochs", type=float, default=4, help="--pipeline: GRPO passes over the RL prompts")
-    ap.add_argument("--sft-epochs", type=float, default=6, help="--pipeline: SFT epochs")
+    ap.add_argument("--sft-epochs", type=float, help="--pipeline: SFT epochs (default: sft.py --tiny's, 6)")
     ap.add_argument("--from-base", action=argparse.BooleanOptionalAction, default=True, help="--pipeline: also "
                     "GRPO from the base model with no SFT, same RL budget, as a row (the paper's finding that the "
                     "cold start is needed; --no-from-base skips it)")
