@@ -157,7 +157,8 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
     # old log-probs are the trainer's before this batch's first step: for that step, its own
     # forward, detached (ratio exactly 1); the later steps' are recomputed now, before any moves
     later = [] if all(map(flat, range(per_step, len(trajs), per_step))) else trajs[per_step:]
-    old = [None] * (len(trajs) - len(later)) + recompute_logprobs(model, later, micro)
+    old = [None] * (len(trajs) - len(later)) + recompute_logprobs(model, later, micro,
+                                                                 args.temperature)
     stats = []
     for s in range(0, len(trajs), per_step):
         opt.zero_grad(set_to_none=True)
@@ -172,7 +173,9 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
         clip, ent = [], []
         for i in range(s, min(s + per_step, len(trajs)), micro):
             chunk = trajs[i:i + micro]
-            logp, entropy = M.token_logprobs(model, [t.seq for t in chunk], with_entropy=True)
+            # the policy scored is the one sampled: logits over the rollout's temperature
+            logp, entropy = M.token_logprobs(model, [t.seq for t in chunk], args.temperature,
+                                             with_entropy=True)
             T = logp.shape[1]
             mask = torch.zeros_like(logp)
             for b, t in enumerate(chunk):   # tool outputs and image pads: context, never loss
@@ -227,11 +230,11 @@ def validate(sampler, processor, samples, judge, limits):
 
 
 @torch.no_grad()
-def recompute_logprobs(model, trajs, micro):
+def recompute_logprobs(model, trajs, micro, temperature):
     """Old log-probs by the trainer's own forward (not the sampler's): the ratio starts at 1."""
     out = []
     for i in range(0, len(trajs), micro):
-        lp = M.token_logprobs(model, [t.seq for t in trajs[i:i + micro]])
+        lp = M.token_logprobs(model, [t.seq for t in trajs[i:i + micro]], temperature)
         out += [row[:len(t.seq.ids) - 1].cpu() for row, t in zip(lp, trajs[i:i + micro])]
     return out   # one [len - 1] tensor per trajectory
 
@@ -352,7 +355,9 @@ def parse_args(argv=None):
     ap.add_argument("--clip-high", type=float, default=0.2, help="PPO ratio clip above 1")
     ap.add_argument("--dual-clip", type=float, default=3.0,
                     help="cap of the loss for negative advantages, x|A|")
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the "
+                    "rollouts; the update scores the same tempered policy (logits / temperature, "
+                    "as the original's actor)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     ap.add_argument("--max-turns", type=int, default=9, help="model turns per trajectory")
     ap.add_argument("--max-turn-tokens", type=int, default=8192, help="tokens per model turn")

@@ -426,6 +426,15 @@ def test_rollout_logprobs_match_training_forward(any_vocab, search_url):
         assert torch.allclose(lp[b, :len(t.seq.ids) - 1][mask], torch.tensor(t.logprobs[1:])[mask], atol=1e-4)
 
 
+def test_grpo_old_logprobs_equal_the_rollouts_at_its_temperature(tiny):
+    model, processor, _ = tiny
+    torch.manual_seed(0)
+    trajs = R.rollout(model, processor, [sample()], n=2, temperature=0.7, max_turn_tokens=16, max_turns=1)
+    for t, old in zip(trajs, G.recompute_logprobs(model, trajs, 8, 0.7)):
+        mask = torch.tensor(t.action_mask[1:], dtype=torch.bool)
+        assert mask.sum() > 0 and torch.allclose(old[mask], torch.tensor(t.logprobs[1:])[mask], atol=1e-4)
+
+
 def test_kv_cache_across_turns_equals_re_prefill(any_vocab, search_url, monkeypatch):
     model, processor, _ = any_vocab
     torch.manual_seed(0)
@@ -804,19 +813,22 @@ def test_rl_validation_takes_the_gold_or_its_prefix_then_asks_the_judge(monkeypa
     assert G.validate(None, None, trajs, None, {}) == dict(val_acc=2 / 5, val_judge_errors=0)   # the rules alone
 
 
-def test_grpo_first_step_takes_its_old_logprobs_from_its_own_forward_detached(tiny):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_grpo_first_step_takes_its_old_logprobs_from_its_own_forward_detached(tiny, temperature):
     model, processor, _ = tiny   # the weights have not moved yet: ratio exactly 1, and the plain policy gradient
     # each turn ends at <|im_end|>: nothing sampled after the script, so the step does not depend on the RNG
     trajs = [R.rollout(model, processor, [sample()], script=scripted([f"<think>{t}</think><answer>{a}</answer>"
                                                                       "<|im_end|>"]))[0]
              for t, a in (("a", "1"), ("a b c d", "22"))]
-    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--clip-high", "1e-6"])
+    args = G.parse_args(["--tiny", "--group", "2", "--mini-batch", "1", "--clip-high", "1e-6",
+                         "--temperature", str(temperature)])
     adv = torch.tensor([-1.0, 1.0])
     work = __import__("copy").deepcopy(model).train()
     stats = G.grpo_update(work, torch.optim.SGD(work.parameters(), lr=0.0), trajs, adv, args)
     ref = __import__("copy").deepcopy(model).train()   # the naive way: a separate no-grad forward for the old ones
-    old = G.recompute_logprobs(ref, trajs, 8)
-    logp = M.token_logprobs(ref, [t.seq for t in trajs])
+    # at any temperature the policy is the tempered one the rollout sampled (verl's dp_actor)
+    old = G.recompute_logprobs(ref, trajs, 8, temperature)
+    logp = M.token_logprobs(ref, [t.seq for t in trajs], temperature)
     mask = torch.zeros_like(logp)
     for b, t in enumerate(trajs):
         mask[b, :len(t.action_mask) - 1] = torch.tensor(t.action_mask[1:], dtype=mask.dtype)
