@@ -2242,7 +2242,7 @@ def one_update_at(rank, world, path, out, port):
         dist.shard(model)
     opt = optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     args = types.SimpleNamespace(micro_batch=1, mini_batch=2, group=2, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
-                                 grad_clip=1.0)
+                                 grad_clip=1.0, temperature=1.0)
     grpo = G.grpo_update(model, opt, [trajs[k] for k in mine], adv[mine], args, world)
     loss, gnorm, _ = S.sft_step(model, opt, S.cosine_with_warmup(opt, 10, 1), window, 1.0, rank, world)
     runs.save_checkpoint(out, model, processor, opt, 2)
