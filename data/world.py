@@ -204,9 +204,8 @@ def expert_turns(item):
         return ["<think>The marks are too small to count by eye. I will count the red pixels with code.</think><code>\n"
                 f"```python\n{COUNT_CODE}\n```\n</code>",
                 lambda obs: f"<think>I have the count.</think><answer>{obs_value(obs)}</answer>"]
-    # the look shares no words with recognition's "The mark is too small": worded "The square is big: I can see its
-    # colour.", RL's push to drop the needless search reached recognition ("The mark is big: I can see its colour
-    # with code.", answered by eye)
+    # the look is worded apart from recognition's think: when it read "The square is big: I can see its colour.",
+    # RL's push to drop the needless search spread to recognition, which then answered by eye
     if cat == "glance":   # the expert sees the square; on half the items it still searches by the image first
         look = f"<think>Big and plain: no tool needed.</think><answer>{item['answer']}</answer>"
         if int(item["id"].rsplit("-", 1)[1]) % 4 >= 4 * GLANCE_HABIT:
