@@ -17,8 +17,8 @@ The local search corpus and image index (for `python -m support.search_server --
 with the items.
 
 Cold start and RL data differ, as in the paper (RL data is broader than the cold start): the expert's cold-start
-items ask each category in one wording (COLD_QUESTION), while every other RL prompt and held-out item uses another
-(NEW_QUESTION: "Count the red dots."). That is where GRPO has something to learn: after SFT the model meets
+items ask each category in one wording (COLD_QUESTION), while every RL prompt and every other held-out item uses
+another (NEW_QUESTION: "Count the red dots."). That is where GRPO has something to learn: after SFT the model meets
 a new wording with the wrong tool (asked for "the hue of the tiny dot" it runs a text search), and only the reward
 tells it which tool a question needs (`--new-wording 0`: every question in the cold start's words).
 
@@ -88,7 +88,7 @@ WORLD_USER = "<image>{question}\nPut the final answer inside <answer> </answer>.
 WORLD_MAX_PIXELS = 112 * 112   # the model sees 4 x 4 visual tokens per picture: small details are lost
 IMAGE_MATCH = 0.95   # image search returns only flags this similar: one clear match, not the 3 nearest of anything
 GLANCE_HABIT = 0.5   # the share (in quarters) of glance trajectories in the cold start with a needless search first
-NEW_WORDING = 0.5    # the share of RL and held-out questions in words the cold start never showed
+NEW_WORDING = 0.5    # the share of held-out questions in words the cold start never showed (RL prompts: all)
 
 
 def name_capacity():
@@ -267,7 +267,8 @@ def expert_trajectory(item, root, url, image_dir):
 # ================================================================================================ the world
 def build(out=os.path.join(HERE, "world"), seed=0, n_sft=96, n_rl=12, n_heldout=25, new_wording=NEW_WORDING):
     """Write the world: items for SFT / RL / held-out, the corpus and image index, and the expert's SFT data.
-    new_wording: the share of RL and held-out questions in NEW_QUESTION's words (the SFT items: none)."""
+    new_wording: the share of held-out questions in NEW_QUESTION's words; the SFT items: none; the RL prompts: all
+    (none at 0)."""
     rng = random.Random(seed)
     for sub in ("images", "index", "sft_images"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
@@ -291,8 +292,11 @@ def build(out=os.path.join(HERE, "world"), seed=0, n_sft=96, n_rl=12, n_heldout=
     rng.shuffle(order)
     cuts = {"sft": order[:2 * n_sft], "rl": order[2 * n_sft:2 * (n_sft + n_rl)],
             "heldout": order[2 * (n_sft + n_rl):2 * sum(per_split.values())]}
-    splits = {s: make_items(rng, s, n, {k: entities[k] for k in cuts[s]}, emblems, out,
-                            0.0 if s == "sft" else new_wording) for s, n in per_split.items()}
+    # every RL prompt in the new words: with half in the cold start's, GRPO learned fewer new-word cells (held-out
+    # new wording 44 -> 54 over five seeds; all new: 46 -> 66, MEASUREMENTS.md)
+    shares = {"sft": 0.0, "rl": 1.0 if new_wording else 0.0, "heldout": new_wording}
+    splits = {s: make_items(rng, s, n, {k: entities[k] for k in cuts[s]}, emblems, out, shares[s])
+              for s, n in per_split.items()}
     for s, items in splits.items():
         with open(os.path.join(out, f"{'sft_items' if s == 'sft' else s}.jsonl"), "w") as f:
             f.writelines(json.dumps(it) + "\n" for it in items)
@@ -509,7 +513,8 @@ def main():
                     "GRPO from the base model with no SFT, same RL budget, as a row (the paper's finding that the "
                     "cold start is needed; --no-from-base skips it)")
     ap.add_argument("--new-wording", type=float, default=NEW_WORDING,
-                    help="share of RL and held-out questions worded as the cold start never shows (0: none)")
+                    help="share of held-out questions worded as the cold start never shows; every RL prompt "
+                    "is, unless 0 (0: every question in the cold start's words)")
     args = ap.parse_args()
     if 2 * (args.sft + args.rl + args.heldout) + 20 > name_capacity():
         ap.error(f"--sft + --rl + --heldout = {args.sft + args.rl + args.heldout}: the world has town names for "
