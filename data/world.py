@@ -513,8 +513,8 @@ def main():
                     "GRPO from the base model with no SFT, same RL budget, as a row (the paper's finding that the "
                     "cold start is needed; --no-from-base skips it)")
     ap.add_argument("--new-wording", type=float, default=NEW_WORDING,
-                    help="share of held-out questions worded as the cold start never shows; every RL prompt "
-                    "is, unless 0 (0: every question in the cold start's words)")
+                    help="share of held-out questions in words the cold start never shows (every RL prompt "
+                    "is in them; 0: no question is)")
     args = ap.parse_args()
     if 2 * (args.sft + args.rl + args.heldout) + 20 > name_capacity():
         ap.error(f"--sft + --rl + --heldout = {args.sft + args.rl + args.heldout}: the world has town names for "
