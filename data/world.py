@@ -407,11 +407,13 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     # 10 prompts a batch, 5 a mini-batch: 2 updates a batch (the original makes 8; at 5 the tiny model lost what SFT
     # taught, MEASUREMENTS.md). At the defaults (60 prompts, 4 passes: 24 batches) each quarter of the RL curve is one
     # pass over the same prompts in the same order (grpo.py shuffles once), so its first and last quarter compare the
-    # same questions (at 2 passes of 120 prompts they held different ones: a rise could be the category mix)
+    # same questions (at 2 passes of 120 prompts they held different ones: a rise could be the category mix).
+    # 8 samples a prompt, not the preset's 4: twice the chances that a group holds the rare right tool, and on
+    # the same SFT models the RL curves rose twice as much (MEASUREMENTS.md)
     def grpo(start, folder):
         G.train(G.parse_args(["--tiny", "--model", start, "--data", os.path.join(out, "rl.jsonl"),
                               "--out", os.path.join(runs, folder), "--search-url", url, *px,
-                              "--prompts", "10", "--mini-batch", "5",
+                              "--group", "8", "--prompts", "10", "--mini-batch", "5",
                               "--prompt", os.path.join(out, "world_system_prompt.txt"), "--epochs", str(rl_epochs)]
                              + (["--steps", str(rl_steps)] if rl_steps else [])))
 
