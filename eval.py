@@ -3,7 +3,7 @@
   python eval.py --bench RealX --model PATH_OR_HUB_NAME     # RealX-Bench (public 194), the headline
   python eval.py --bench all --model PATH_OR_HUB_NAME       # the paper's 22 beside its numbers
   python eval.py --bench MathVision_testmini --limit 20     # a subset shipped in data/, offline
-  python eval.py --bench toy --model runs/mini/grpo/checkpoint --data data/world/heldout.jsonl
+  python eval.py --bench toy --model runs/mini/grpo/best/checkpoint --data data/world/heldout.jsonl
   python eval.py --bench RealX --no-tools ...               # the base-model-without-tools column
   python eval.py report runs/eval/RealX                     # every item's turns in one HTML page
 

@@ -5,8 +5,8 @@
   policy_loss(logp, old_logp, adv, mask)    PPO clip 0.2 / 0.2, dual clip 3.0, token mean a sequence
 
 The loop: prompts -> rollout n per prompt -> rewards (judge calls in parallel) -> old log-probs
-recomputed by the trainer -> mini-batch updates -> metrics JSONL -> atomic, resumable checkpoint.
-Defaults are the paper's.
+recomputed by the trainer -> mini-batch updates -> metrics JSONL -> atomic, resumable checkpoint
+(--keep-best: the best validated one too). Defaults are the paper's.
 
 The reward is the original's, judge prompts and verdicts included (data/PROTOCOL.md, Reward);
 without a judge the rules decide (support/scoring.py, which eval uses too). As the authors ran it:
@@ -102,6 +102,10 @@ def train(args):
         args.image_search_cache, end_on_miss=args.image_search_miss == "end")
     val = load_prompts(args.val_data)[rank::world] if args.val_data else []
     os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    # --keep-best: the best validation so far (on a resume: in the metrics of the steps kept)
+    best = max([json.loads(line).get("val_acc", -1.0) for line in open(metrics_path)]
+               if ckpt and os.path.exists(metrics_path) else [], default=-1.0)
     n_batches = min(args.steps, math.ceil(len(samples) * args.epochs / args.prompts))
     limits = dict(max_turns=args.max_turns, search_url=args.search_url, prompt=prompt,
                   max_response_tokens=args.max_response_tokens, max_pixels=args.max_pixels,
@@ -125,12 +129,13 @@ def train(args):
         if sampler is not model:
             dist.copy_weights(model, sampler)   # the rollout's copy takes the updated weights
         times = dict(t_rollout=t1 - t0, t_reward=t2 - t1, t_update=time.time() - t2)
-        if val and (step + 1) % args.val_every == 0:   # the held-out check, as the launch script's
+        # the held-out check, as the launch script's (verl: every val_every batches and the last)
+        if val and ((step + 1) % args.val_every == 0 or step + 1 == n_batches):
             upd.update(validate(sampler, processor, val, judge, limits))
         metrics = dist.all_mean(dict(step=step + 1, **rollout_metrics, **upd, **times),
                                 sums=("infra_errors", "non_finite_steps"))
         if rank == 0:   # torchrun: one process writes
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             calls = metrics["code_calls"] + metrics["search_calls"] + metrics["image_search_calls"]
             print(f"\rstep {step + 1}/{n_batches} reward {metrics['reward']:.3f} acc "
@@ -138,6 +143,9 @@ def train(args):
                   f"({time.time() - t0:.1f}s)", end="", flush=True)
         if (step + 1) % args.save_every == 0 or step + 1 == n_batches:
             runs.save_checkpoint(args.out, model, processor, opt, step + 1)
+        if args.keep_best and metrics.get("val_acc", -1.0) > best:   # of equals, the first
+            best = metrics["val_acc"]
+            runs.save_checkpoint(os.path.join(args.out, "best"), model, processor, opt, step + 1)
     print()
     return model
 
@@ -376,9 +384,11 @@ def parse_args(argv=None):
                     help="an image search the cache has no entry for: end the episode (the "
                     "original's), or answer with an error observation")
     ap.add_argument("--val-data", help="validation prompts JSONL (the original: V*), scored "
-                    "greedily every --val-every batches into the metrics (val_acc)")
+                    "greedily every --val-every batches and the last into the metrics (val_acc)")
     ap.add_argument("--val-every", type=int, default=4, help="rollout batches between "
                     "validations (the launch script's 4)")
+    ap.add_argument("--keep-best", action="store_true", help="with --val-data: also keep the "
+                    "checkpoint of the best validation (of equals, the first) in OUT/best/")
     ap.add_argument("--judge-mode", choices=["all", "rules-first"], default="all", help="with a "
                     "judge: judge every answer (the paper), or only those the rules reject "
                     "(cheaper; the metrics say how many were judged)")
@@ -414,6 +424,8 @@ def parse_args(argv=None):
     for flag in ("image_search_cache", "val_data"):
         if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file")
+    if args.keep_best and not args.val_data:
+        ap.error("--keep-best needs --val-data: the checkpoint kept is the best validated")
     try:   # a missing prompt file is found now, not after the model has loaded
         R.load_prompt(args.prompt)
     except FileNotFoundError as e:

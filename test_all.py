@@ -797,6 +797,29 @@ def test_rl_runs_as_long_as_the_paper_reports_and_validates_as_the_launch_script
     assert (args.steps, args.epochs, args.val_every, args.image_search_miss) == (60, 32, 4, "end")
 
 
+def test_keep_best_keeps_the_first_best_validated_checkpoint_across_a_resume(tiny, tmp_path, monkeypatch, capsys):
+    _, _, path = tiny
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    row = dict(images=["red.png"], question="Colour?", answer="red", data_source="perception")
+    (tmp_path / "rl.jsonl").write_text(json.dumps(row) + "\n")
+    scores = iter([0.5, 0.75, 0.75, 0.6, 0.8])   # batches 1-2, then a resume: 3-4, then 5 (the last)
+    monkeypatch.setattr(G, "validate", lambda *a: dict(val_acc=next(scores), val_judge_errors=0))
+    argv = ["--tiny", "--model", path, "--data", str(tmp_path / "rl.jsonl"), "--out", str(tmp_path / "run"),
+            "--group", "2", "--prompts", "1", "--mini-batch", "1", "--max-turn-tokens", "8", "--val-data",
+            str(tmp_path / "rl.jsonl"), "--val-every", "1", "--keep-best"]
+    best = lambda: runs.checkpoint_step(str(tmp_path / "run" / "best" / "checkpoint"))
+    G.train(G.parse_args(argv + ["--steps", "2"]))
+    assert best() == 2
+    # resumed, the best so far comes from the metrics: batch 3's equal score does not replace batch 2's
+    G.train(G.parse_args(argv + ["--steps", "4", "--resume"]))
+    assert best() == 2
+    with pytest.raises(SystemExit):
+        G.parse_args(argv[:-5] + ["--keep-best"])
+    assert "--keep-best needs --val-data" in capsys.readouterr().err
+    G.train(G.parse_args(argv + ["--steps", "5", "--val-every", "4", "--resume"]))   # the last batch is validated
+    assert best() == 5 and next(scores, None) is None
+
+
 def test_rl_validation_takes_the_gold_or_its_prefix_then_asks_the_judge(monkeypatch):
     from types import SimpleNamespace
     golds = ["A", "blue", "red", "7", "car"]
@@ -2337,10 +2360,12 @@ def test_quarters_gives_the_rl_curves_first_and_last_quarter_means(tmp_path):
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     import world
-    rows = [dict(reward=0.1 * k, code_calls=1.0, search_calls=0.0, image_search_calls=k % 2) for k in range(8)]
+    rows = [dict(step=k + 1, reward=0.1 * k, code_calls=1.0, search_calls=0.0, image_search_calls=k % 2,
+                 **({"val_acc": [0.4, 0.7, 0.5, 0.7][k // 2]} if k % 2 else {})) for k in range(8)]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     c = world.quarters(str(tmp_path / "m.jsonl"))
     assert c["batches"] == 8 and c["reward"] == (0.05, 0.65) and c["tool_calls"] == (1.5, 1.5)
+    assert c["probe"] == dict(first=0.4, kept=0.7, kept_batch=4)   # the checkpoint --keep-best kept: the first 0.7
 
 
 def test_code_error_share_counts_the_code_runs_that_wrote_to_stderr():

@@ -410,12 +410,16 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     # same questions (at 2 passes of 120 prompts they held different ones: a rise could be the category mix).
     # 8 samples a prompt, not the preset's 4: twice the chances that a group holds the rare right tool, and on
     # the same SFT models the RL curves rose twice as much (MEASUREMENTS.md)
-    def grpo(start, folder):
+    # The sampled reward can rise while the greedy answers eval reads fall apart (seed 4 of a second machine: 78 ->
+    # 59): every 2 batches the policy answers `probe` (the RL prompts) greedily, and the checkpoint of the best such
+    # probe (of equals, the first) is the one evaluated. From the base every group is flat: no probe (None)
+    def grpo(start, folder, probe):
         G.train(G.parse_args(["--tiny", "--model", start, "--data", os.path.join(out, "rl.jsonl"),
                               "--out", os.path.join(runs, folder), "--search-url", url, *px,
                               "--group", "8", "--prompts", "10", "--mini-batch", "5",
                               "--prompt", os.path.join(out, "world_system_prompt.txt"), "--epochs", str(rl_epochs)]
-                             + (["--steps", str(rl_steps)] if rl_steps else [])))
+                             + (["--steps", str(rl_steps)] if rl_steps else [])
+                             + (["--val-data", probe, "--val-every", "2", "--keep-best"] if probe else [])))
 
     for sub in ("sft", "grpo", "grpo-from-base", "eval"):   # a run starts from scratch: stale checkpoints would resume
         __import__("shutil").rmtree(os.path.join(runs, sub), ignore_errors=True)
@@ -426,15 +430,16 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
     lap("SFT")
     sft_model = os.path.join(runs, "sft", "checkpoint")
     evaluate("SFT", sft_model)
-    grpo(sft_model, "grpo")
+    grpo(sft_model, "grpo", os.path.join(out, "rl.jsonl"))
     lap("GRPO")
-    evaluate("SFT+GRPO", os.path.join(runs, "grpo", "checkpoint"))
+    kept = os.path.join(runs, "grpo", "best", "checkpoint")
+    evaluate("SFT+GRPO", kept)
     E.report(os.path.join(runs, "eval", "SFT+GRPO"), data_root=out)   # every held-out trajectory, in a browser
     report.plot(os.path.join(runs, "grpo", "metrics.jsonl"))                 # the RL curves
     results["SFT+GRPO"]["curve"] = quarters(os.path.join(runs, "grpo", "metrics.jsonl"))
-    evaluate("SFT+GRPO, tools disabled", os.path.join(runs, "grpo", "checkpoint"), tools_on=False)
+    evaluate("SFT+GRPO, tools disabled", kept, tools_on=False)
     if from_base:
-        grpo(base, "grpo-from-base")
+        grpo(base, "grpo-from-base", None)
         lap("GRPO from the base")
         evaluate("GRPO from the base", os.path.join(runs, "grpo-from-base", "checkpoint"))
     clock["evals"] = clock.pop("evals")   # listed last
@@ -473,6 +478,9 @@ def print_tables(results):
         c = rl["curve"]
         print(f"the RL curve, first -> last quarter of its {c['batches']} batches: reward {c['reward'][0]:.3f} -> "
               f"{c['reward'][1]:.3f}, tool calls/sample {c['tool_calls'][0]:.2f} -> {c['tool_calls'][1]:.2f}")
+        if c["probe"]:
+            print(f"evaluated: the checkpoint of batch {c['probe']['kept_batch']}, the best greedy probe on the RL "
+                  f"prompts ({c['probe']['first']:.3f} at the first probe, {c['probe']['kept']:.3f} there)")
     print(json.dumps({name: dict(accuracy=round(r["accuracy"], 1),
                                  new_wording=round(group(r, "new wording", "accuracy"), 1),
                                  tool_calls_per_item=round(r["tool_calls_per_item"], 2),
@@ -484,11 +492,15 @@ def print_tables(results):
 
 
 def quarters(metrics_path):
-    """The RL run's reward and tool calls per sample, the mean of its first and of its last quarter of batches."""
+    """The RL run's reward and tool calls per sample, the mean of its first and of its last quarter of batches; the
+    greedy probe's first value and the kept checkpoint's (with its batch)."""
     rows = [json.loads(line) for line in open(metrics_path)]
     ends = lambda f: tuple(round(m, 3) for m in report.quarter_means([f(r) for r in rows]))
+    probes = [(r["val_acc"], -r["step"]) for r in rows if "val_acc" in r]   # --keep-best's pick: max, then first
+    best = max(probes, default=None)
     return dict(batches=len(rows), reward=ends(lambda r: r["reward"]),
-                tool_calls=ends(lambda r: r["code_calls"] + r["search_calls"] + r["image_search_calls"]))
+                tool_calls=ends(lambda r: r["code_calls"] + r["search_calls"] + r["image_search_calls"]),
+                probe=best and dict(first=round(probes[0][0], 3), kept=round(best[0], 3), kept_batch=-best[1]))
 
 
 def code_error_share(rows):

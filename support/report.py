@@ -133,6 +133,10 @@ def plot(metrics_path, out=None):
             q, (first, last) = len(ys) // 4, quarter_means(ys)
             ax.hlines([first, last], [xs[0], xs[-q]], [xs[q - 1], xs[-1]], colors="tab:red", linestyles="--")
             title = f"reward: first quarter {first:.2f}, last {last:.2f}"
+        if name == "validation accuracy":   # the checkpoint --keep-best keeps: the best, of equals the first
+            k = ys.index(max(ys))
+            ax.plot(xs[k], ys[k], "o", mfc="none", mec="tab:red", ms=10)
+            title = f"greedy validation: best {ys[k]:.2f} at batch {xs[k]}"
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("rollout batch", fontsize=8)
         ax.tick_params(labelsize=8)
