@@ -161,26 +161,27 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
     order = sorted(range(len(trajs)), key=lambda k: (k // per_step, len(trajs[k].seq.ids)))
     trajs, adv = [trajs[k] for k in order], adv[order]
     params = [p for p in model.parameters() if p.requires_grad]
-    flat = lambda s: world == 1 and not adv[s:s + per_step].any()
+    # each optimizer step's trajectories that run a forward: one of advantage 0 has loss 0 whatever
+    # its ratio, so gradient 0, and is skipped (torchrun: not; FSDP needs equal forwards per rank)
+    steps = [[k for k in range(s, min(s + per_step, len(trajs))) if adv[k] or world > 1]
+             for s in range(0, len(trajs), per_step)]
     # old log-probs are the trainer's before this batch's first step: for that step, its own
     # forward, detached (ratio exactly 1); the later steps' are recomputed now, before any moves
-    later = [] if all(map(flat, range(per_step, len(trajs), per_step))) else trajs[per_step:]
-    old = [None] * (len(trajs) - len(later)) + recompute_logprobs(model, later, micro,
-                                                                 args.temperature)
+    later = [k for ks in steps[1:] for k in ks]
+    old = dict(zip(later, recompute_logprobs(model, [trajs[k] for k in later], micro,
+                                             args.temperature)))
     stats = []
-    for s in range(0, len(trajs), per_step):
+    for n, ks in enumerate(steps):
         opt.zero_grad(set_to_none=True)
-        if flat(s):
-            # every advantage 0: every token's loss is 0 whatever the ratio, and so the gradient;
-            # forward and backward are skipped, the optimizer steps as the original's does
+        if not ks:   # every advantage 0: the gradient is 0, the optimizer steps as the original's
             for p in params:
                 p.grad = torch.zeros_like(p)
             gnorm = optim.finite_step(opt, params, args.grad_clip)[0]
             stats.append(dict(clip_frac=0.0, grad_norm=gnorm, non_finite_steps=0.0))
             continue
         clip, ent = [], []
-        for i in range(s, min(s + per_step, len(trajs)), micro):
-            chunk = trajs[i:i + micro]
+        for i in range(0, len(ks), micro):
+            chunk = [trajs[k] for k in ks[i:i + micro]]
             # the policy scored is the one sampled: logits over the rollout's temperature
             logp, entropy = M.token_logprobs(model, [t.seq for t in chunk], args.temperature,
                                              with_entropy=True)
@@ -191,12 +192,12 @@ def grpo_update(model, opt, trajs, adv, args, world=1):
                 # shifts by one
                 mask[b, :len(t.action_mask) - 1] = torch.tensor(t.action_mask[1:], dtype=mask.dtype)
             pad = lambda lp: torch.nn.functional.pad(lp, (0, T - len(lp)))
-            old_lp = logp.detach() if s == 0 else \
-                torch.stack([pad(old[i + b]) for b in range(len(chunk))]).to(dev)
-            loss, cf = policy_loss(logp, old_lp, adv[i:i + len(chunk)].to(dev), mask,
+            old_lp = logp.detach() if n == 0 else \
+                torch.stack([pad(old[k]) for k in ks[i:i + micro]]).to(dev)
+            loss, cf = policy_loss(logp, old_lp, adv[ks[i:i + micro]].to(dev), mask,
                                    args.clip_low, args.clip_high, args.dual_clip)
-            # sequences weigh the same in the mini-batch's mean
-            (loss * len(chunk) / min(per_step, len(trajs) - s)).backward()
+            # sequences weigh the same in the mini-batch's mean (the skipped ones count, as 0)
+            (loss * len(chunk) / min(per_step, len(trajs) - n * per_step)).backward()
             clip.append(cf.item())
             ent.append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
         gnorm, stepped = optim.finite_step(opt, params, args.grad_clip)
@@ -417,8 +418,7 @@ def parse_args(argv=None):
     flags.check_args(ap, args, positive=("prompts", "mini_batch", "micro_batch", "epochs", "steps",
                                          "lr", "grad_clip", "max_turns", "max_turn_tokens",
                                          "max_response_tokens", "max_pixels", "save_every",
-                                         "val_every",
-                                         "temperature", "top_p", "dual_clip"),
+                                         "val_every", "temperature", "top_p", "dual_clip"),
                      fraction=("top_p", "weight_decay", "clip_low"),
                      at_most=dict(lr=1.0, epochs=1000))
     for flag in ("image_search_cache", "val_data"):

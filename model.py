@@ -29,13 +29,15 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
-from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 try:   # transformers >= 5.2x: the PIL image processor (no torchvision needed)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 except ImportError:   # older 5.x (the GPU machines' 5.17)
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import \
         Qwen2VLImageProcessor as Qwen2VLImageProcessorPil
+
+from support.fast_decode import growing_cache
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 RL_MAX_PIXELS = 16384 * 28 * 28   # RL / eval (data/PROTOCOL.md, Images)
@@ -213,11 +215,11 @@ def forward_cached(model, ids, pos, mask, cache, **kw):
 
 def stack_caches(caches):
     """Per-layer (k, v) caches of shape [1, H, T_b, D], left-padded to the longest and stacked:
-    -> (one DynamicCache for the batch, its mask [B, T], 0 on padding)."""
+    -> (one cache for the batch, grown in place as it decodes, its mask [B, T], 0 on padding)."""
     T = [c[0][0].shape[2] for c in caches]
     pad = lambda x, n: F.pad(x, (0, 0, max(T) - n, 0))
     stack = lambda i, kv: torch.cat([pad(c[i][kv], n) for c, n in zip(caches, T)])
-    cache = DynamicCache([(stack(i, 0), stack(i, 1)) for i in range(len(caches[0]))])
+    cache = growing_cache([(stack(i, 0), stack(i, 1)) for i in range(len(caches[0]))])
     mask = torch.tensor([[0] * (max(T) - n) + [1] * n for n in T],
                         device=cache.layers[0].keys.device)
     return cache, mask

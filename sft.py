@@ -285,7 +285,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.tiny:
         preset = dict(lr=3e-4, epochs=6, grad_accum=2, micro_batch=2, grad_ckpt=False,
-                      save_every=50, freeze_embeddings=True)
+                      save_every=200, freeze_embeddings=True)
         flags.apply_preset(ap, args, argv, preset)
     flags.check_args(ap, args, positive=("epochs", "lr", "grad_accum", "micro_batch", "grad_clip",
                                          "cutoff", "max_pixels", "steps", "save_every"),

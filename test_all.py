@@ -489,6 +489,23 @@ def test_static_decode_equals_the_plain_decode_and_the_training_forward(tiny, mo
         assert torch.allclose(torch.tensor(p.logprobs), torch.tensor(t.logprobs), atol=1e-5)
 
 
+def test_growing_cache_decodes_bit_for_bit_as_the_concatenating_one(tiny, monkeypatch):
+    """The plain decode's cache grows in place (support/fast_decode.GrowingLayer) instead of HF's concatenation at
+    every token: the same tokens and log-probs, bit for bit, with rows leaving, two turns and the room made again."""
+    from transformers import DynamicCache
+    model, processor, _ = tiny
+    samples = [R.Sample([Image.new("RGB", (28 * (i + 1), 56))], "q" * (i * 7 + 1)) for i in range(3)]
+    script = lambda t, turn: ["<code>\n```python\nprint(1)\n```\n</code>", ""][turn]   # turn 1 forced, turn 2 sampled
+    kw = dict(n=2, script=script, max_turn_tokens=300, max_turns=2, prompt=R.Prompt("You answer."), tools_on=False)
+    runs = []
+    for cache in (M.growing_cache, lambda kvs: DynamicCache(kvs)):
+        monkeypatch.setattr(M, "growing_cache", cache)
+        torch.manual_seed(0)
+        runs.append([(t.seq.ids, t.logprobs) for t in R.rollout(model, processor, samples, **kw)])
+    assert runs[0] == runs[1]
+    assert len({len(ids) for ids, _ in runs[0]}) > 2 and max(len(ids) for ids, _ in runs[0]) > 2 * 128
+
+
 def test_sampler_never_emits_banned_tokens(tiny):
     model, processor, _ = tiny
     banned = {processor.tokenizer.convert_tokens_to_ids(t) for t in R.BANNED}
@@ -790,6 +807,26 @@ def test_grpo_step_of_flat_groups_skips_the_forward_and_steps_as_its_zero_gradie
     assert stats["grad_norm"] == 0.0 and "entropy" not in stats
     for p, q in zip(work.parameters(), model.parameters()):   # AdamW at a zero gradient: only the weight decay
         assert torch.equal(p, q) if not p.requires_grad else torch.allclose(p, q * (1 - 1e-2 * 0.1), atol=1e-7)
+
+
+def test_a_zero_advantage_trajectory_runs_no_forward_and_still_counts_in_the_steps_mean(tiny, monkeypatch):
+    model, processor, _ = tiny
+    trajs = [R.rollout(model, processor, [sample()], script=scripted([f"<think>{t}</think><answer>{a}</answer>"
+                                                                      "<|im_end|>"]))[0]
+             for t, a in (("a", "1"), ("a b", "22"), ("a b c", "333"))]
+    args = G.parse_args(["--tiny", "--group", "3", "--mini-batch", "1"])
+    forward, scored = M.token_logprobs, []
+    monkeypatch.setattr(M, "token_logprobs", lambda m, seqs, *a, **k: scored.append(len(seqs)) or
+                        forward(m, seqs, *a, **k))
+    updated = []
+    # the third's advantage 0, then 1e-30: a forward whose gradient is ~0 (the same step, if the mean still counts it)
+    for third in (0.0, 1e-30):
+        work = __import__("copy").deepcopy(model).train()
+        G.grpo_update(work, torch.optim.SGD(work.parameters(), lr=1e-2), trajs, torch.tensor([1.0, -1.0, third]), args)
+        updated.append(torch.cat([p.detach().flatten() for p in work.parameters()]))
+    assert scored == [2, 3]
+    moved = updated[0] - torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert moved.abs().max() > 1e-4 and torch.allclose(updated[0], updated[1], atol=1e-7)
 
 
 def test_rl_runs_as_long_as_the_paper_reports_and_validates_as_the_launch_script():

@@ -1,4 +1,5 @@
-"""support/fast_decode.py -- the rollout's decode step, fast: one CUDA graph over preallocated KV slots.
+"""support/fast_decode.py -- the rollout's decode, fast: one CUDA graph over preallocated KV slots (a GPU), and a
+KV cache that grows in place (the plain decode's, a CPU).
 
 rollout.decode_turns needs one thing a step: given the token each live row just sampled, the next-token logits of
 every row. `StaticKV` computes it with a Qwen2 decode step written against the model's own weights over
@@ -13,8 +14,43 @@ import time
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 STATS = Counter()
+
+
+# ------------------------------------------------------------------------------------ the plain decode's cache
+class GrowingLayer(DynamicLayer):
+    """HF's DynamicLayer concatenates at every update: each decoded token copies the whole cache (on a CPU the plain
+    decode's largest cost, `aten::cat`). This layer writes into room kept behind its keys (SPARE more tokens, made
+    again when used up, or when a caller replaced the keys, as `PlainKV.keep` does) and returns views of it: the same
+    values, so the same logits, bit for bit (test_growing_cache_decodes_bit_for_bit_as_the_concatenating_one)."""
+    SPARE = 128
+
+    def update(self, keys, values, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        n, new = self.get_seq_length(), keys.shape[2]
+        room = getattr(self, "room", None)
+        if room is None or n + new > room[0].shape[2] or room[0].data_ptr() != self.keys.data_ptr() \
+                or room[0].shape[:2] != keys.shape[:2]:
+            shape = (*keys.shape[:2], n + new + self.SPARE, keys.shape[3])
+            room = self.room = (keys.new_empty(shape), values.new_empty(shape))
+            if n:
+                room[0][:, :, :n], room[1][:, :, :n] = self.keys, self.values
+        room[0][:, :, n:n + new], room[1][:, :, n:n + new] = keys, values
+        self.keys, self.values = room[0][:, :, :n + new], room[1][:, :, :n + new]
+        return self.keys, self.values
+
+
+def growing_cache(kvs):
+    """A DynamicCache of GrowingLayers holding the per-layer (keys, values) `kvs`."""
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer() for _ in kvs]
+    for layer, (k, v) in zip(cache.layers, kvs):
+        layer.update(k, v)
+    return cache
 
 
 # ------------------------------------------------------------------------------------------- the decode batch's KV
