@@ -399,7 +399,9 @@ def pipeline(out=os.path.join(HERE, "world"), runs="runs/mini", seed=0, rl_steps
 
     def evaluate(name, path, **kw):
         model, processor = M.load_model(path, device="cpu")
-        rows = E.evaluate(model, processor, items, os.path.join(runs, "eval", name), batch=50, **dict(cfg, **kw))
+        # the whole split in one batch: the same answers as 50 a batch (seeds 0-4, 9, 10), ~4 s sooner a run
+        rows = E.evaluate(model, processor, items, os.path.join(runs, "eval", name), batch=len(items),
+                          **dict(cfg, **kw))
         results[name] = E.summarize(rows, name)
         results[name]["code_errors"] = code_error_share(rows)
         lap("evals")
